@@ -1,0 +1,142 @@
+"""A real local Ray cluster for integration tests: `ray start --head` in its own temp dir and ports.
+
+Teardown stops only this cluster's processes (matched by its temp dir), so concurrent clusters of
+other test sessions on the same machine survive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    address: str  # GCS address for ray.init / RAY_ADDRESS
+    dashboard_url: str  # job API for `ray job submit --address`
+    temp_dir: str
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "RAY_ADDRESS": self.address}
+
+    def submit(self, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir <repo> -- <entrypoint>`; waits for the job to end."""
+        env = {
+            **os.environ,
+            "RAY_ADDRESS": self.dashboard_url,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+        return subprocess.run(
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                self.dashboard_url,
+                "--working-dir",
+                str(REPO),
+                "--",
+                *entrypoint,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+def _pids_of(temp_dir: str) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines() if temp_dir in line]
+
+
+def stop_cluster(temp_dir: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _pids_of(temp_dir)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + 10
+        while _pids_of(temp_dir) and time.time() < deadline:
+            time.sleep(0.3)
+
+
+def start_cluster(num_cpus: int = 4) -> RayCluster:
+    temp_dir = tempfile.mkdtemp(prefix="tq-ray-", dir="/tmp")
+    port, dash = free_port(), free_port()
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        "--disable-usage-stats",
+    ]
+    # Jobs run `python ...` through the cluster's PATH: make it this interpreter's.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    if proc.returncode != 0:
+        stop_cluster(temp_dir)
+        raise RuntimeError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
+    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir)
+    try:
+        _wait_for_job_api(cluster)
+    except BaseException:
+        stop_cluster(temp_dir)
+        raise
+    return cluster
+
+
+def _wait_for_job_api(cluster: RayCluster, timeout: float = 180) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            # 401 also means "up": Ray turns token auth on once ~/.ray/auth_token exists (any
+            # local ray.init() creates one); `ray job submit` then sends the token itself.
+            if httpx.get(f"{cluster.dashboard_url}/api/version", timeout=2).status_code in (
+                200,
+                401,
+            ):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the Ray job API did not come up")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A fresh `ray start --head` cluster for one test module."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        stop_cluster(cluster.temp_dir)

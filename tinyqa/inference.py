@@ -1,0 +1,509 @@
+"""Answer generation with a base model and any number of LoRA adapters (shared by CLI, eval, Serve).
+
+One :class:`QAEngine` holds one base model (quantized on GPU where configured) and attaches adapters
+from an adapter root on demand, keeping at most ``max_adapters`` loaded (least recently used goes).
+Requests name an adapter id (never a path) or ``None`` for the base model. A lock serializes
+adapter switching + ``generate`` on the shared PeftModel: concurrent sub-batches for different
+adapters otherwise race on the active adapter. A second lock serializes tokenization: a fast
+tokenizer shared between threads can fail with "Already borrowed".
+
+:func:`serving_plan` decides what an endpoint serves (base model, adapter root, default adapter);
+the Serve app and the CLI share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tinyqa.config import ModelSettings, TinyQAConfig
+from tinyqa.errors import ModelError, TinyQAError
+from tinyqa.model import (
+    MANIFEST,
+    base_settings_from_manifest,
+    check_adapter_id,
+    delete_adapter,
+    is_peft_model,
+    load_adapter,
+    load_base_model,
+    load_tokenizer,
+    read_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+BEST_FILE = "best.json"
+
+
+class UnknownAdapter(ModelError):
+    """The adapter id is valid but no such adapter exists under the adapter root."""
+
+
+class PromptTooLong(TinyQAError):
+    """The prompt exceeds the configured token limit."""
+
+
+class AdapterMismatch(ModelError):
+    """The adapter exists but was trained on a different base model than the one served."""
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[dict[str, str]]
+    adapter: str | None = None  # None = base model
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    adapter: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"  # "stop" (eos) or "length"
+    extra: dict = field(default_factory=dict)
+
+
+def read_best(run_dir: Path) -> dict | None:
+    """The sweep's ``best.json`` under a run folder, or None."""
+    path = Path(run_dir) / BEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}: not valid JSON ({e}); rerun `tinyqa tune`") from e
+
+
+def list_adapters(adapter_root: Path | None) -> list[str]:
+    """Adapter ids (folder names with a manifest) under the root, sorted."""
+    if adapter_root is None or not Path(adapter_root).is_dir():
+        return []
+    return sorted(
+        p.name for p in Path(adapter_root).iterdir() if p.is_dir() and (p / MANIFEST).is_file()
+    )
+
+
+def resolve_adapter(adapter_root: Path | None, adapter_id: str, base_id: str | None = None) -> Path:
+    """The folder of adapter ``adapter_id`` under the root, checked before any filesystem access.
+
+    The id is validated against the adapter-id pattern first, so ``../x``, ``/etc`` or ``a/b``
+    never reach the filesystem. Raises :class:`ModelError` (invalid id), :class:`UnknownAdapter`
+    (no such adapter) or :class:`AdapterMismatch` (trained on another base than ``base_id``).
+    """
+    check_adapter_id(adapter_id)
+    path = Path(adapter_root) / adapter_id if adapter_root else None
+    if path is None or not (path / MANIFEST).is_file():
+        available = ", ".join(list_adapters(adapter_root)) or "none"
+        raise UnknownAdapter(f"unknown adapter {adapter_id!r}; available: {available}")
+    if base_id is not None:
+        trained_on = read_manifest(path).get("base_model")
+        if trained_on != base_id:
+            raise AdapterMismatch(
+                f"adapter {adapter_id!r} was trained on {trained_on!r}, but this endpoint serves "
+                f"{base_id!r}; serve it from its own base model"
+            )
+    return path
+
+
+@dataclass
+class ServingPlan:
+    """What an endpoint serves: one base model, the adapters under a root, a default adapter."""
+
+    base: ModelSettings
+    adapter_root: Path
+    default_adapter: str | None  # None = the base model answers by default
+    system_prompt: str | None
+    reason: str  # how the default was chosen, for the log
+
+    @property
+    def base_id(self) -> str:
+        return self.base.name
+
+    def to_dict(self) -> dict:
+        return {
+            "base": self.base.model_dump(mode="json"),
+            "adapter_root": str(self.adapter_root),
+            "default_adapter": self.default_adapter,
+            "system_prompt": self.system_prompt,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ServingPlan:
+        return cls(
+            base=ModelSettings.model_validate(data["base"]),
+            adapter_root=Path(data["adapter_root"]),
+            default_adapter=data["default_adapter"],
+            system_prompt=data["system_prompt"],
+            reason=data["reason"],
+        )
+
+
+def serving_plan(cfg: TinyQAConfig) -> ServingPlan:
+    """Pick the base model and the default adapter for an endpoint.
+
+    The default adapter is ``serve.default_adapter`` if set, else the one ``best.json`` names,
+    else the adapter named ``cfg.adapter_id`` if it exists. The base model comes from that
+    adapter's manifest; with no adapter at all, ``cfg.model`` is served alone. Raises
+    :class:`ModelError` when a named adapter is missing.
+    """
+    root = cfg.adapters_dir
+    if cfg.serve.adapter_root:
+        root = Path(cfg.serve.adapter_root).expanduser().resolve()
+    chosen: str | None = None
+    if cfg.serve.default_adapter:
+        chosen, reason = cfg.serve.default_adapter, "serve.default_adapter"
+    elif (best := read_best(cfg.run_dir)) is not None:
+        chosen, reason = best.get("adapter_id"), f"{cfg.run_dir / BEST_FILE}"
+        if not chosen:
+            raise ModelError(f"{cfg.run_dir / BEST_FILE} names no adapter_id; rerun `tinyqa tune`")
+    elif (root / cfg.adapter_id / MANIFEST).is_file():
+        chosen, reason = cfg.adapter_id, "the experiment's trained adapter"
+    if chosen is None:
+        return ServingPlan(
+            cfg.model,
+            root,
+            None,
+            cfg.data.system_prompt,
+            f"no adapter under {root} (no best.json, no {cfg.adapter_id!r}): serving the base model",
+        )
+    try:
+        path = resolve_adapter(root, chosen)
+    except ModelError as e:
+        raise ModelError(
+            f"default adapter {chosen!r} (from {reason}) cannot be served: {e}; train it "
+            "(`tinyqa train` / `tinyqa tune`) or set serve.default_adapter to an existing one"
+        ) from e
+    manifest = read_manifest(path)
+    base = base_settings_from_manifest(manifest)
+    prompt = manifest["config"]["data"].get("system_prompt")
+    return ServingPlan(base, root, chosen, prompt, f"default adapter {chosen!r} from {reason}")
+
+
+class QAEngine:
+    """Base model + LRU of LoRA adapters, batched greedy / sampled generation."""
+
+    def __init__(
+        self,
+        model: ModelSettings,
+        adapter_root: Path | None = None,
+        *,
+        quantization: str | None = None,
+        device: str | torch.device | None = None,
+        max_adapters: int = 4,
+        system_prompt: str | None = None,
+        extra_adapters: dict[str, Path] | None = None,
+    ):
+        self.model_settings = model
+        self.adapter_root = Path(adapter_root) if adapter_root else None
+        self.max_adapters = max_adapters
+        self.system_prompt = system_prompt
+        self.tokenizer = load_tokenizer(model)
+        self.tokenizer.padding_side = "left"  # decoder-only batch generation
+        self.model = load_base_model(model, device, quantization)
+        self.model.eval()
+        self.model.config.use_cache = True
+        self.device = next(self.model.parameters()).device
+        self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter id -> PEFT adapter name
+        self._extra = {k: Path(v) for k, v in (extra_adapters or {}).items()}
+        self._lock = threading.RLock()
+        self._tok_lock = threading.Lock()
+        self._names_used = 0
+        self.last_error: BaseException | None = None  # the last generate failure that was not ours
+        self.last_ok: float | None = None  # time.monotonic() of the last successful generate
+
+    @classmethod
+    def for_adapter_dir(cls, adapter_dir: Path, **kwargs) -> tuple[QAEngine, str]:
+        """An engine on the base model an adapter folder was trained from, with that adapter."""
+        adapter_dir = Path(adapter_dir)
+        manifest = read_manifest(adapter_dir)
+        name = manifest.get("adapter_id") or adapter_dir.name
+        engine = cls(
+            base_settings_from_manifest(manifest),
+            adapter_root=adapter_dir.parent,
+            system_prompt=manifest["config"]["data"].get("system_prompt"),
+            extra_adapters={name: adapter_dir},
+            **kwargs,
+        )
+        return engine, name
+
+    # ----- adapters -----
+    @property
+    def base_id(self) -> str:
+        return self.model_settings.name
+
+    def available_adapters(self) -> list[str]:
+        return sorted(set(list_adapters(self.adapter_root)) | set(self._extra))
+
+    def adapter_path(self, adapter_id: str) -> Path:
+        """Resolve an adapter id under the root; raises ModelError / UnknownAdapter."""
+        if adapter_id in self._extra:
+            return self._extra[adapter_id]
+        return resolve_adapter(self.adapter_root, adapter_id)
+
+    def _ensure_loaded(self, adapter_id: str) -> str:
+        """Load ``adapter_id`` if needed (LRU-evicting one past the cap); its PEFT name."""
+        if adapter_id in self._loaded:
+            self._loaded.move_to_end(adapter_id)
+            return self._loaded[adapter_id]
+        path = self.adapter_path(adapter_id)
+        manifest = read_manifest(path)
+        if manifest.get("base_model") != self.base_id:
+            raise AdapterMismatch(
+                f"adapter {adapter_id!r} was trained on {manifest.get('base_model')!r}, "
+                f"but this engine serves {self.base_id!r}"
+            )
+        if len(self._loaded) >= self.max_adapters:
+            evicted, evicted_name = self._loaded.popitem(last=False)
+            delete_adapter(self.model, evicted_name)
+            logger.info("evicted adapter %s (LRU, cap %d)", evicted, self.max_adapters)
+        # Adapter ids may hold '.', which PEFT rejects in module names: load under a safe name.
+        self._names_used += 1
+        name = f"a{self._names_used}_" + re.sub(r"[^A-Za-z0-9_]", "_", adapter_id)
+        self.model = load_adapter(self.model, path, adapter_name=name)
+        self.model.eval()
+        self._loaded[adapter_id] = name
+        logger.info("loaded adapter %s from %s", adapter_id, path)
+        return name
+
+    def load(self, adapter_id: str) -> None:
+        """Load an adapter now (e.g. when a Serve replica is asked for it); raises like
+        :meth:`adapter_path`, or :class:`AdapterMismatch`."""
+        with self._lock:
+            self._ensure_loaded(adapter_id)
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._loaded)
+
+    # ----- prompts -----
+    def with_system(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            return [{"role": "system", "content": self.system_prompt}, *messages]
+        return messages
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the chat prompt, formatted exactly as in training (with BOS)."""
+        with self._tok_lock:
+            text = self.tokenizer.apply_chat_template(
+                self.with_system(messages), tokenize=False, add_generation_prompt=True
+            )
+            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's maximum sequence length (prompt + answer), if it declares one."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def check_prompt(
+        self, messages: list[dict[str, str]], max_prompt_tokens: int, max_new_tokens: int
+    ) -> int:
+        """Number of prompt tokens; raises :class:`PromptTooLong` past ``max_prompt_tokens`` or
+        when prompt plus answer would not fit the model's context."""
+        n = len(self.prompt_ids(messages))
+        limit = max_prompt_tokens
+        if self.context_length is not None:
+            limit = min(limit, self.context_length - max_new_tokens)
+        if n > limit:
+            raise PromptTooLong(
+                f"the prompt has {n} tokens; the limit is {limit} (max prompt tokens "
+                f"{max_prompt_tokens}, context {self.context_length}, {max_new_tokens} new tokens): "
+                "shorten the question or the conversation"
+            )
+        return n
+
+    # ----- generation -----
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Answer requests, batching those that share an adapter and sampling settings."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            # Greedy decoding ignores top_p and the seed: one group per adapter.
+            key = (
+                (req.adapter, req.temperature, req.top_p, req.seed)
+                if req.temperature > 0
+                else (req.adapter,)
+            )
+            groups.setdefault(key, []).append(i)
+        for idxs in groups.values():
+            batch = [requests[i] for i in idxs]
+            for i, res in zip(idxs, self._generate_group(batch), strict=True):
+                results[i] = res
+        return results  # type: ignore[return-value]
+
+    def _generation_kwargs(self, req: GenerationRequest, max_new_tokens: int) -> dict:
+        kwargs = {
+            "max_new_tokens": max_new_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
+        if req.temperature > 0:
+            kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _generate_group(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        adapter = batch[0].adapter
+        encoded = [self.prompt_ids(r.messages) for r in batch]
+        max_new = max(r.max_new_tokens for r in batch)
+        with self._tok_lock:
+            inputs = self.tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        with self._lock, self._tracked():
+            ctx = self._adapter_context(adapter)
+            with ctx, torch.inference_mode():
+                if batch[0].seed is not None:
+                    torch.manual_seed(batch[0].seed)
+                out = self.model.generate(**inputs, **self._generation_kwargs(batch[0], max_new))
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]  # (B, T_new)
+        results = []
+        for req, prompt, row in zip(batch, encoded, new_tokens.tolist(), strict=True):
+            row = row[: req.max_new_tokens]
+            finish = "length"
+            if self.tokenizer.eos_token_id in row:
+                row = row[: row.index(self.tokenizer.eos_token_id)]
+                finish = "stop"
+            with self._tok_lock:
+                text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            results.append(GenerationResult(text, adapter, len(prompt), len(row), finish))
+        return results
+
+    @contextlib.contextmanager
+    def _tracked(self):
+        """Record the outcome of one generate call for :meth:`health_check`."""
+        try:
+            yield
+        except TinyQAError:
+            raise  # the request's fault (unknown adapter, ...), not the model's
+        except BaseException as e:
+            self.last_error = e
+            raise
+        self.last_error = None
+        self.last_ok = time.monotonic()
+
+    def _adapter_context(self, adapter: str | None):
+        """Activate ``adapter`` (or disable adapters for the base) for one generate call."""
+        if adapter is None:
+            return (
+                self.model.disable_adapter()
+                if is_peft_model(self.model)
+                else contextlib.nullcontext()
+            )
+        name = self._ensure_loaded(adapter)  # may replace self.model (base -> PeftModel)
+        self.model.set_adapter(name)
+        return contextlib.nullcontext()
+
+    def stream(self, req: GenerationRequest) -> Iterator[str]:
+        """Yield text pieces of one answer as they are generated."""
+        for event in self.stream_events(req):
+            if isinstance(event, str):
+                yield event
+
+    def stream_events(
+        self, req: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Iterator[str | GenerationResult]:
+        """Yield text pieces of one answer as they are generated, then its :class:`GenerationResult`.
+
+        Setting ``cancel`` or closing the iterator early (a client that went away) stops the
+        generation at the next token, so an abandoned stream does not hold the model.
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        prompt = self.prompt_ids(req.messages)
+        ids = torch.tensor([prompt], device=self.device)  # (1, T)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = self._generation_kwargs(req, req.max_new_tokens)
+        error: list[BaseException] = []
+        output: list[torch.Tensor] = []
+        cancelled = cancel or threading.Event()
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw) -> torch.Tensor:
+                return torch.full(
+                    (input_ids.shape[0],),
+                    cancelled.is_set(),
+                    dtype=torch.bool,
+                    device=input_ids.device,
+                )
+
+        def run() -> None:
+            try:
+                with self._lock, self._tracked():
+                    ctx = self._adapter_context(req.adapter)
+                    with ctx, torch.inference_mode():
+                        if req.seed is not None:
+                            torch.manual_seed(req.seed)
+                        output.append(
+                            self.model.generate(
+                                input_ids=ids,
+                                attention_mask=torch.ones_like(ids),
+                                streamer=streamer,
+                                stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                                **kwargs,
+                            )
+                        )
+            except BaseException as e:  # surfaced to the consumer below
+                error.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            yield from streamer
+        finally:
+            cancelled.set()  # no-op when generation already ended
+            thread.join()
+        if error:
+            raise error[0]
+        row = output[0][0, len(prompt) :].tolist()
+        finish = "length"
+        if self.tokenizer.eos_token_id in row:
+            row = row[: row.index(self.tokenizer.eos_token_id)]
+            finish = "stop"
+        with self._tok_lock:
+            text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+        yield GenerationResult(text, req.adapter, len(prompt), len(row), finish)
+
+    def health_check(self, probe_after_s: float = 30.0) -> None:
+        """Raise :class:`ModelError` when the model cannot generate.
+
+        While requests are being served, the outcome of the last generate call decides; when the
+        engine has been idle for ``probe_after_s`` (or the last call failed), one token is
+        generated from the base model, unless a generation holds the lock right now.
+        """
+        idle = self.last_ok is None or time.monotonic() - self.last_ok > probe_after_s
+        if not idle and self.last_error is None:
+            return
+        if not self._lock.acquire(blocking=False):
+            if self.last_error is not None:
+                raise ModelError(f"the last generation failed: {self.last_error!r}")
+            return  # busy generating, and the last generation worked
+        try:
+            probe = GenerationRequest([{"role": "user", "content": "ping"}], None, max_new_tokens=1)
+            try:
+                self._generate_group([probe])
+            except Exception as e:
+                raise ModelError(f"the model cannot generate: {e!r}") from e
+        finally:
+            self._lock.release()
+
+    def ask(
+        self, question: str, adapter: str | None = None, max_new_tokens: int = 64
+    ) -> GenerationResult:
+        """One question, one answer (greedy)."""
+        req = GenerationRequest([{"role": "user", "content": question}], adapter, max_new_tokens)
+        return self.generate([req])[0]

@@ -1,0 +1,274 @@
+"""Loading base models and tokenizers, and everything that touches peft.
+
+This is the only module that imports peft: applying LoRA, saving / loading / merging adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyqa.config import NAME_PATTERN, LoraSettings, ModelSettings
+from tinyqa.errors import ModelError
+from tinyqa.presets import PRESETS, ZEPHYR_TEMPLATE, preset_dir
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "tinyqa.json"
+_ADAPTER_ID_RE = re.compile(NAME_PATTERN)
+
+
+def resolve_model_path(name: str) -> str:
+    """A preset name becomes its cached folder; a local path must exist; anything else is a hub id."""
+    if name in PRESETS:
+        return str(preset_dir(name))
+    p = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or p.exists() or name.count("/") > 1
+    if looks_local:
+        if not (p / "config.json").is_file():
+            raise ModelError(
+                f"model path {p} does not exist or has no config.json; give a model folder, a hub id "
+                f"like TinyLlama/TinyLlama-1.1B-Chat-v1.0, or a preset ({', '.join(PRESETS)})"
+            )
+        return str(p.resolve())
+    return name
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+def effective_quantization(settings: ModelSettings, device: torch.device) -> str:
+    if settings.quantization == "auto":
+        return "nf4" if device.type == "cuda" else "none"
+    return settings.quantization
+
+
+def compute_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype:
+    if settings.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, settings.dtype)
+
+
+def load_tokenizer(settings: ModelSettings):
+    """Load the tokenizer, with a pad token and the Zephyr chat template where it has none."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(settings.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            path, revision=settings.revision, trust_remote_code=False
+        )
+    except OSError as e:
+        raise ModelError(f"cannot load the tokenizer of {settings.name!r}: {_first_line(e)}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = ZEPHYR_TEMPLATE
+    return tok
+
+
+def load_base_model(
+    settings: ModelSettings,
+    device: str | torch.device | None = None,
+    quantization: str | None = None,
+):
+    """Load the base model onto one device (never ``device_map="auto"``: each Ray worker owns its copy).
+
+    ``quantization`` overrides ``settings.quantization`` ('bf16' = no quantization in bfloat16).
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dev = resolve_device(device)
+    quant = quantization or effective_quantization(settings, dev)
+    if quant == "auto":
+        quant = "nf4" if dev.type == "cuda" else "none"
+    dtype = torch.bfloat16 if quant == "bf16" else compute_dtype(settings, dev)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": settings.attn_implementation,
+        "use_safetensors": True,
+        "trust_remote_code": False,
+        "revision": settings.revision,
+    }
+    if quant == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": dev}
+    elif quant == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": dev}
+    path = resolve_model_path(settings.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelError(f"cannot load model {settings.name!r}: {_first_line(e)}") from e
+    if "quantization_config" not in kwargs:
+        model.to(dev)
+    model.config.use_cache = False
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def is_quantized(model) -> bool:
+    return bool(
+        getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    )
+
+
+def keep_4bit_trainable(model) -> int:
+    """Keep bitsandbytes 4-bit layers in the layout their backward expects.
+
+    On CPUs with AVX512-BF16, a no-grad forward in eval mode repacks a ``Linear4bit`` weight into an
+    inference layout, after which LoRA gradients through that layer are silently wrong. We undo any
+    repack that already happened and switch the repack off for this model. Returns how many layers
+    were restored.
+    """
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        return 0
+    restored = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = (
+                    _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+                )
+                restored += 1
+    return restored
+
+
+def apply_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
+    """Wrap ``model`` with fresh LoRA adapters; only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        keep_4bit_trainable(model)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ModelError(f"cannot apply LoRA: {_first_line(e)}; check lora.target_modules") from e
+
+
+def save_adapter(model, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Write adapter weights, tokenizer and manifest into ``out_dir`` atomically (tmp + rename)."""
+    import shutil
+    import tempfile
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_manifest(adapter_dir: Path) -> dict[str, Any]:
+    """Validate an adapter folder and return its manifest; raises :class:`ModelError`."""
+    adapter_dir = Path(adapter_dir)
+    missing = [
+        f
+        for f in ("adapter_config.json", "adapter_model.safetensors", MANIFEST)
+        if not (adapter_dir / f).is_file()
+    ]
+    if missing:
+        raise ModelError(
+            f"{adapter_dir} is not a tinyqa adapter folder (missing {', '.join(missing)}); "
+            "point to <storage>/<experiment>/adapters/<adapter_id>"
+        )
+    try:
+        return json.loads((adapter_dir / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{adapter_dir / MANIFEST}: not valid JSON ({e})") from e
+
+
+def base_settings_from_manifest(manifest: dict[str, Any]) -> ModelSettings:
+    return ModelSettings.model_validate(manifest["config"]["model"])
+
+
+def check_adapter_id(adapter_id: str) -> str:
+    if not _ADAPTER_ID_RE.match(adapter_id or ""):
+        raise ModelError(
+            f"adapter id {adapter_id!r} is invalid: it must match {NAME_PATTERN} (a name, not a path)"
+        )
+    return adapter_id
+
+
+def load_adapter(
+    base_model, adapter_dir: Path, adapter_name: str = "default", trainable: bool = False
+):
+    """Attach a saved adapter to ``base_model`` (a plain model or an existing PeftModel)."""
+    from peft import PeftModel
+
+    read_manifest(adapter_dir)
+    if isinstance(base_model, PeftModel):
+        base_model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable)
+        return base_model
+    return PeftModel.from_pretrained(
+        base_model, str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable
+    )
+
+
+def delete_adapter(peft_model, adapter_name: str) -> None:
+    peft_model.delete_adapter(adapter_name)
+
+
+def merge_adapter(peft_model):
+    """Fold the active adapter into the base weights (not for quantized bases)."""
+    return peft_model.merge_and_unload()
+
+
+def is_peft_model(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def trainable_parameter_count(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,328 @@
+"""The main job: prepare -> tune -> eval -> serve -> query, each stage resumable.
+
+Every stage records what it was run on (a hash of its inputs) in ``<run>/pipeline.json``; a rerun
+skips stages whose inputs and outputs are unchanged, so a failed pipeline resumes where it stopped.
+The Serve deployment is passed in as a callable (``deploy(cfg) -> url``) by the entrypoint: the
+library does not import the ``serving`` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tinyqa.config import TinyQAConfig
+from tinyqa.errors import ConfigError, TinyQAError
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("prepare", "tune", "eval", "serve", "query")
+STATE_FILE = "pipeline.json"
+QUERY_QUESTIONS = 3
+
+
+class StageFailed(TinyQAError):
+    """A pipeline stage failed; the message names the stage, the reason and how to resume."""
+
+
+@dataclass
+class PipelineReport:
+    cfg: TinyQAConfig
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sweep_table: str | None = None
+    eval_table: str | None = None
+    url: str | None = None
+    answers: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    best: dict[str, Any] | None = None
+
+
+def demo_config_path() -> Path:
+    """The embedded CPU defaults `tinyqa demo` runs on (same file as jobs/configs/tiny-cpu.yaml)."""
+    return Path(str(resources.files("tinyqa").joinpath("resources/tiny-cpu.yaml")))
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            logger.warning("%s is corrupt; running every stage again", path)
+    return {}
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def parse_stages(stages: list[str] | None) -> list[str]:
+    if not stages:
+        return list(STAGES)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    return [s for s in STAGES if s in stages]
+
+
+def _stage_keys(cfg: TinyQAConfig) -> dict[str, str]:
+    from tinyqa.data import dataset_path, file_sha256
+
+    d = cfg.to_dict()
+    prepare = _hash([d["model"], d["data"], file_sha256(dataset_path(cfg.data))])
+    tune = _hash([prepare, d["lora"], d["train"], d["tune"], d["seed"]])
+    evaluate = _hash([tune, d["eval"]])
+    serve = _hash([tune, d["serve"]])
+    return {"prepare": prepare, "tune": tune, "eval": evaluate, "serve": serve, "query": serve}
+
+
+def run_pipeline(
+    cfg: TinyQAConfig,
+    stages: list[str] | None = None,
+    fresh: bool = False,
+    deploy: Callable[[TinyQAConfig], str] | None = None,
+) -> PipelineReport:
+    """Run the selected stages in order; raises :class:`StageFailed` naming the failing stage."""
+    from tinyqa.training import check_storage
+
+    selected = parse_stages(stages)
+    if "serve" in selected and deploy is None:
+        raise ConfigError("the serve stage needs a deploy function (run it through `tinyqa demo`)")
+    check_storage(cfg)
+    if "serve" in selected:
+        from tinyqa.cluster import connect_persistent
+
+        # The endpoint must outlive this process: sweep and serve on a detached cluster.
+        connect_persistent(cfg)
+    state_path = cfg.run_dir / STATE_FILE
+    state = {} if fresh else _load_state(state_path)
+    keys = _stage_keys(cfg)
+    report = PipelineReport(cfg)
+    runners = {
+        "prepare": _prepare,
+        "tune": lambda c, r: _tune(c, r, fresh),
+        "eval": _eval,
+        "serve": lambda c, r: _serve(c, r, deploy),
+        "query": _query,
+    }
+    for stage in selected:
+        prev = state.get(stage, {})
+        if (
+            prev.get("key") == keys[stage]
+            and prev.get("status") == "done"
+            and _still_valid(stage, cfg, prev, report)
+        ):
+            logger.info("stage %s: already done for these inputs; skipping", stage)
+            report.stages[stage] = {**prev, "skipped": True}
+            _restore(stage, prev, report)
+            continue
+        logger.info("stage %s: running", stage)
+        started = time.perf_counter()
+        try:
+            summary = runners[stage](cfg, report)
+        except TinyQAError as e:
+            raise StageFailed(
+                f"stage '{stage}' failed: {e}. Fix it and rerun the same command: finished stages "
+                f"are skipped (state in {state_path})"
+            ) from e
+        except Exception as e:
+            logger.exception("stage %s crashed", stage)
+            raise StageFailed(
+                f"stage '{stage}' crashed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                f"see the log above, then rerun the same command to resume (state in {state_path})"
+            ) from e
+        entry = {
+            "status": "done",
+            "key": keys[stage],
+            "seconds": round(time.perf_counter() - started, 1),
+            "summary": summary,
+        }
+        state[stage] = entry
+        report.stages[stage] = {**entry, "skipped": False}
+        _save_state(state_path, state)
+    report.artifacts = _artifacts(cfg)
+    return report
+
+
+def _still_valid(
+    stage: str, cfg: TinyQAConfig, prev: dict[str, Any], report: PipelineReport
+) -> bool:
+    """A recorded stage only counts while its outputs are still there (or, for serve, answering)."""
+    s = prev.get("summary") or {}
+    if stage == "prepare":
+        return (cfg.data_dir / "stats.json").is_file()
+    if stage == "tune":
+        return (cfg.run_dir / "best.json").is_file() and (
+            cfg.adapters_dir / s.get("best_adapter", "?")
+        ).is_dir()
+    if stage == "eval":
+        return all(Path(p).is_file() for p in s.get("paths", {}).values()) and bool(s.get("paths"))
+    if stage == "serve":
+        return _healthy(s.get("url"))
+    return False  # query: cheap, always asks the live endpoint again
+
+
+def _restore(stage: str, prev: dict[str, Any], report: PipelineReport) -> None:
+    s = prev.get("summary") or {}
+    if stage == "tune":
+        report.sweep_table = s.get("table")
+        report.best = s.get("best")
+    elif stage == "eval":
+        report.eval_table = s.get("table")
+    elif stage == "serve":
+        report.url = s.get("url")
+
+
+def _prepare(cfg: TinyQAConfig, report: PipelineReport) -> dict[str, Any]:
+    from tinyqa.data import prepare_dataset
+
+    stats = prepare_dataset(cfg).stats
+    return {k: stats[k] for k in ("records", "train", "eval", "sha256")}
+
+
+def _tune(cfg: TinyQAConfig, report: PipelineReport, fresh: bool) -> dict[str, Any]:
+    from tinyqa.tuning import format_table, run_sweep
+
+    result = run_sweep(cfg, fresh=fresh)
+    report.sweep_table = format_table(result)
+    report.best = result.best
+    return {
+        "best": result.best,
+        "best_adapter": result.best["adapter_id"],
+        "trials": len(result.results),
+        "wall_seconds": round(result.wall_seconds, 1),
+        "table": report.sweep_table,
+    }
+
+
+def _eval(cfg: TinyQAConfig, report: PipelineReport) -> dict[str, Any]:
+    from tinyqa.evaluation import format_eval_table, run_eval
+
+    result = run_eval(cfg)
+    report.eval_table = format_eval_table(result)
+    return {"paths": {k: str(v) for k, v in result.paths.items()}, "table": report.eval_table}
+
+
+def _serve(cfg: TinyQAConfig, report: PipelineReport, deploy) -> dict[str, Any]:
+    url = deploy(cfg)
+    report.url = url
+    return {"url": url}
+
+
+def _healthy(url: str | None) -> bool:
+    import httpx
+
+    if not url:
+        return False
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _query(cfg: TinyQAConfig, report: PipelineReport) -> dict[str, Any]:
+    """Ask a few held-out questions through the live HTTP endpoint."""
+    import httpx
+
+    from tinyqa.data import read_prepared
+
+    url = report.url or (report.stages.get("serve", {}).get("summary") or {}).get("url")
+    if not url:
+        raise TinyQAError("no endpoint to query; run the serve stage first (--stages serve,query)")
+    questions = read_prepared(cfg.data_dir).questions("eval")[:QUERY_QUESTIONS]
+    headers = {}
+    key = cfg.serve.api_key or os.environ.get("TINYQA_API_KEY")
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    answers = []
+    for rec in questions:
+        try:
+            r = httpx.post(
+                f"{url}/v1/ask", json={"question": rec.question}, headers=headers, timeout=120
+            )
+        except httpx.HTTPError as e:
+            raise TinyQAError(f"endpoint {url} did not answer ({e})") from e
+        if r.status_code != 200:
+            raise TinyQAError(f"endpoint {url} answered {r.status_code}: {r.text[:300]}")
+        body = r.json()
+        answers.append(
+            {
+                "question": rec.question,
+                "answer": body["answer"],
+                "adapter": body["adapter"],
+                "expected_keywords": rec.keywords,
+            }
+        )
+    report.answers = answers
+    return {"answers": answers}
+
+
+def _artifacts(cfg: TinyQAConfig) -> dict[str, str]:
+    run = cfg.run_dir
+    candidates = {
+        "prepared data": cfg.data_dir,
+        "sweep results": run / "results.csv",
+        "sweep summary": run / "sweep.md",
+        "sweep plot": run / "sweep.png",
+        "best adapter": run / "best.json",
+        "adapters": cfg.adapters_dir,
+        "eval report": run / "eval" / "eval.md",
+        "eval metrics": run / "eval" / "eval.json",
+        "predictions": run / "eval" / "predictions.jsonl",
+        "pipeline state": run / STATE_FILE,
+    }
+    return {k: str(v) for k, v in candidates.items() if v.exists()}
+
+
+def format_report(report: PipelineReport) -> str:
+    """The final report a person reads: stage timings, tables, endpoint and how to query it."""
+    lines = [
+        "",
+        "== tinyqa pipeline report ==",
+        "",
+        "| stage | status | seconds |",
+        "| --- | --- | --- |",
+    ]
+    for stage, info in report.stages.items():
+        status = "skipped (done before)" if info.get("skipped") else "done"
+        lines.append(f"| {stage} | {status} | {info.get('seconds', '')} |")
+    if report.sweep_table:
+        lines += ["", "Sweep:", report.sweep_table]
+    if report.best:
+        lines.append(
+            f"best adapter: {report.best['adapter_id']} ({report.best['metric']} = {report.best['value']:.4f})"
+        )
+    if report.eval_table:
+        lines += ["", "Evaluation (held-out questions):", report.eval_table]
+    if report.answers:
+        lines += ["", "Answers from the live endpoint:"]
+        for a in report.answers:
+            lines.append(f"  Q: {a['question']}\n  A: {a['answer']}   [{a['adapter']}]")
+    if report.artifacts:
+        lines += ["", "Artifacts:"] + [f"  {k}: {v}" for k, v in report.artifacts.items()]
+    if report.url:
+        adapter = report.best["adapter_id"] if report.best else "ADAPTER"
+        lines += [
+            "",
+            f"Endpoint: {report.url}  (left running)",
+            f"  curl -s {report.url}/v1/ask -H 'Content-Type: application/json' "
+            '-d \'{"question": "What does `json.dumps` do?"}\'',
+            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{report.url}/v1', api_key='none'); "
+            f"print(c.chat.completions.create(model='{adapter}', messages=[{{'role': 'user', 'content': "
+            "'What does `json.dumps` do?'}]).choices[0].message.content)\"",
+            "Stop it with: tinyqa serve --shutdown   (and `ray stop` to stop the local Ray cluster)",
+        ]
+    return "\n".join(lines)
