@@ -102,11 +102,6 @@ def run_pipeline(
     if "serve" in selected and deploy is None:
         raise ConfigError("the serve stage needs a deploy function (run it through `tinyqa demo`)")
     check_storage(cfg)
-    if "serve" in selected:
-        from tinyqa.cluster import connect_persistent
-
-        # The endpoint must outlive this process: sweep and serve on a detached cluster.
-        connect_persistent(cfg)
     state_path = cfg.run_dir / STATE_FILE
     state = {} if fresh else _load_state(state_path)
     keys = _stage_keys(cfg)
@@ -132,6 +127,12 @@ def run_pipeline(
         logger.info("stage %s: running", stage)
         started = time.perf_counter()
         try:
+            if stage != "prepare" and "serve" in selected:
+                from tinyqa.cluster import connect_persistent
+
+                # The endpoint must outlive this process: sweep and serve on a detached cluster
+                # (started only after the data validated, so a bad dataset costs no Ray work).
+                connect_persistent(cfg)
             summary = runners[stage](cfg, report)
         except TinyQAError as e:
             raise StageFailed(

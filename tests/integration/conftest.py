@@ -140,3 +140,9 @@ def ray_cluster():
         yield cluster
     finally:
         stop_cluster(cluster.temp_dir)
+
+
+@pytest.fixture(scope="session")
+def get_free_port():
+    """A function returning a free loopback port."""
+    return free_port
