@@ -1,0 +1,196 @@
+"""Deploy the QA endpoint on a Ray cluster and remove it again (``tinyqa serve [--shutdown]``).
+
+:func:`deploy` joins the configured cluster (``ray_address`` / ``RAY_ADDRESS`` / a running local
+``ray start``). With none running it starts one with ``ray start --head`` — a detached local
+cluster that outlives this process, so the endpoint stays up after ``tinyqa serve`` exits
+(stop it with ``ray stop``). ``blocking=True`` instead keeps this process in the foreground and
+removes the app on Ctrl-C; with no cluster running, its Ray lives in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tinyqa.config import TinyQAConfig
+from tinyqa.errors import TinyQAError
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HEALTH_TIMEOUT_S = 600.0  # a first deploy may load a large model onto a fresh GPU node
+
+
+class ServeError(TinyQAError):
+    """The endpoint could not be deployed (cluster, port or model problem)."""
+
+
+def endpoint_url(cfg: TinyQAConfig) -> str:
+    """The base URL clients use (``0.0.0.0`` / ``::`` listen everywhere: use loopback locally)."""
+    host = cfg.serve.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
+
+
+def start_local_cluster() -> None:
+    """``ray start --head`` as a detached local cluster (all CPUs; GPUs auto-detected).
+
+    The dashboard stays on (bound to localhost): ``serve deploy``, ``serve status`` and
+    ``ray job submit`` talk to its REST API. Workers get the repository root on PYTHONPATH so
+    a source checkout's ``serving`` package imports in replicas.
+    """
+    ray_bin = Path(sys.executable).with_name("ray")
+    exe = str(ray_bin) if ray_bin.is_file() else shutil.which("ray")
+    if exe is None:
+        raise ServeError("the `ray` command is not installed; pip install 'ray[serve]'")
+    cmd = [exe, "start", "--head", f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    logger.info(
+        "no Ray cluster is running: starting a detached local one (%s); stop it with `ray stop`",
+        " ".join(cmd[1:]),
+    )
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ServeError(
+            f"`ray start --head` failed ({tail[0]}); start a cluster yourself (`ray start --head`) "
+            "or pass --blocking to serve from this process"
+        )
+
+
+def _join_cluster(cfg: TinyQAConfig, blocking: bool) -> None:
+    """Make sure a cluster that outlives this process is joined (unless ``blocking``)."""
+    import ray
+
+    from tinyqa.cluster import connect
+
+    if not ray.is_initialized() and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+        try:
+            ray.init(address="auto", log_to_driver=False)
+            logger.info("joined the running local Ray cluster")
+        except ConnectionError:
+            if not blocking:
+                start_local_cluster()
+    connect(cfg)
+    if not blocking and _cluster_lives_in_this_process():
+        logger.warning(
+            "this process started its own Ray (ray.init without an address): the endpoint goes "
+            "away when the process exits; for a lasting endpoint run `ray start --head` first"
+        )
+
+
+def _cluster_lives_in_this_process() -> bool:
+    from ray._private import worker  # no public API says whether this driver started the cluster
+
+    node = getattr(worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
+def _start_serve(cfg: TinyQAConfig) -> None:
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    # Serve keeps the HTTP options it was first started with on this cluster.
+    http = _get_global_client().http_config
+    if (http.host, http.port) != (cfg.serve.host, cfg.serve.port):
+        raise ServeError(
+            f"Serve already runs on this cluster at {http.host}:{http.port}, not "
+            f"{cfg.serve.host}:{cfg.serve.port}; set serve.host={http.host} "
+            f"serve.port={http.port}, or `serve shutdown -y` first"
+        )
+
+
+def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> dict:
+    """Poll ``GET {url}/healthz`` until it answers 200; its JSON. Raises :class:`ServeError`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=10.0)
+            if r.status_code == 200:
+                return r.json()
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise ServeError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s (last: {last})")
+
+
+def deploy(cfg: TinyQAConfig, blocking: bool = False) -> str:
+    """Deploy (or update) the endpoint; returns its URL once ``/healthz`` answers.
+
+    ``blocking=True`` stays in the foreground until Ctrl-C, then removes the app and re-raises
+    the ``KeyboardInterrupt``. Raises :class:`ServeError` / other :class:`TinyQAError`s for
+    problems the user can fix.
+    """
+    from ray import serve
+
+    from serving.app import AppArgs, build_app, resolved
+
+    cfg = resolved(cfg)
+    s = cfg.serve
+    _join_cluster(cfg, blocking)
+    _start_serve(cfg)
+    app = build_app(AppArgs(settings=cfg.to_dict()))
+    started = time.perf_counter()
+    try:
+        serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
+    except RuntimeError as e:
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise ServeError(
+            f"deploying app {s.app_name!r} failed: {lines[-1] if lines else e!r}; "
+            "see the replica logs (`serve status`, /tmp/ray/session_latest/logs/serve)"
+        ) from e
+    url = endpoint_url(cfg)
+    info = wait_healthy(url)
+    logger.info(
+        "app %r ready at %s in %.1f s (base %s, default adapter %s)",
+        s.app_name,
+        url,
+        time.perf_counter() - started,
+        info.get("base_model"),
+        info.get("default_adapter"),
+    )
+    if blocking:
+        logger.info("serving at %s; press Ctrl-C to stop", url)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            logger.info("removing app %r", s.app_name)
+            serve.delete(s.app_name)
+            raise
+    return url
+
+
+def shutdown(cfg: TinyQAConfig) -> None:
+    """Remove the app from the cluster (the cluster and Serve keep running). No cluster or no
+    such app: nothing to do."""
+    import ray
+    from ray import serve
+
+    name = cfg.serve.app_name
+    if not ray.is_initialized():
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError:
+            logger.info("no Ray cluster is running; app %r is not deployed", name)
+            return
+    if name not in serve.status().applications:
+        logger.info("app %r is not deployed on this cluster", name)
+        return
+    serve.delete(name)
+    logger.info("removed app %r", name)
