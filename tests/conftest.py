@@ -11,6 +11,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TINYQA_CACHE", str(Path.home() / ".cache" / "tinyqa"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Ray 2.60 turns token auth on for any cluster started while ~/.ray/auth_token exists, and a local
+# ray.init() creates that file: test clusters (loopback only) run without it, deterministically.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pytest  # noqa: E402
 

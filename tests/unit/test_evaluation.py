@@ -1,0 +1,219 @@
+"""`run_eval` on the tiny model with an in-process fine-tuned adapter; bad inputs; the sweep hook."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tinyqa.config import load_config
+from tinyqa.data import bundled_dataset_path, load_records
+from tinyqa.errors import DatasetError, ModelError, TinyQAError
+from tinyqa.evaluation import (
+    METRICS,
+    EvalResult,
+    ModelReport,
+    evaluate_adapter_dir,
+    format_eval_table,
+    resolve_adapter,
+    run_eval,
+)
+from tinyqa.inference import UnknownAdapter
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "jobs" / "configs" / "tiny-cpu.yaml"
+
+
+def _helper():
+    spec = importlib.util.spec_from_file_location(
+        "_adapters", Path(__file__).with_name("_adapters.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_dir):
+    """A tiny adapter fine-tuned on 22 training questions (a 24-record subset of the bundled set)."""
+    helper = _helper()
+    root = tmp_path_factory.mktemp("eval")
+    subset = helper.write_subset(bundled_dataset_path(), root / "subset.json", 24)
+    overrides = [
+        f"storage_path={root / 'runs'}",
+        f"data.path={subset}",
+        "eval.bootstrap_samples=200",
+    ]
+    cfg = load_config(CONFIG, overrides)
+    adapter = helper.train_tiny_adapter(cfg, steps=60)
+    return {"root": root, "overrides": overrides, "cfg": cfg, "adapter": adapter, "subset": subset}
+
+
+def _cfg(trained, *extra: str, storage: Path | None = None):
+    overrides = list(trained["overrides"])
+    if storage is not None:
+        overrides[0] = f"storage_path={storage}"
+    return load_config(CONFIG, [*overrides, *extra])
+
+
+def test_eval_writes_outputs_and_adapter_beats_base_on_training_questions(trained):
+    cfg = _cfg(trained, "eval.split=train")  # no eval.adapters: the trained cfg.adapter_id
+    result = run_eval(cfg)
+
+    assert set(result.paths) == {"eval_json", "predictions", "table_md"}
+    for path in result.paths.values():
+        assert path.parent == cfg.run_dir / "eval" and path.is_file()
+    names = [m.name for m in result.models]
+    assert names == ["base", "tiny-demo"]
+    n = result.n_questions
+    assert n == 22
+
+    data = json.loads(result.paths["eval_json"].read_text())
+    assert [m["name"] for m in data["models"]] == names
+    assert data["questions"]["count"] == n and data["base_model"] == "tiny"
+    for model in data["models"]:
+        assert set(model["metrics"]) == set(METRICS)
+        for agg in model["metrics"].values():
+            lo, hi = agg["ci95"]
+            assert lo <= agg["mean"] <= hi
+
+    rows = [json.loads(line) for line in result.paths["predictions"].read_text().splitlines()]
+    assert len(rows) == 2 * n
+    assert {r["model"] for r in rows} == set(names)
+    assert all(set(METRICS) <= set(r) and isinstance(r["prediction"], str) for r in rows)
+
+    table = result.paths["table_md"].read_text()
+    assert "| base (tiny) |" in table and "| tiny-demo |" in table
+    assert table.strip() == format_eval_table(result).strip()
+
+    # What fine-tuning bought, on the questions it trained on: clearly more keywords found.
+    base = result.model("base").metrics["keyword_recall"]["mean"]
+    tuned = result.model("tiny-demo")
+    assert tuned.metrics["keyword_recall"]["mean"] > base + 0.3
+    assert tuned.delta_vs_base["keyword_recall"]["ci95"][0] > 0
+    assert tuned.metrics["token_f1"]["mean"] > result.model("base").metrics["token_f1"]["mean"]
+
+    # The sweep's hook scores the same adapter on the same questions the same way.
+    from tinyqa.data import read_prepared
+
+    records = read_prepared(cfg.data_dir).questions("train")
+    hook = evaluate_adapter_dir(
+        trained["adapter"], records, cfg.eval.max_new_tokens, cfg.eval.batch_size
+    )
+    assert set(hook) == set(METRICS)
+    assert hook["keyword_recall"] == pytest.approx(tuned.metrics["keyword_recall"]["mean"])
+
+
+def test_eval_by_path_with_best_json_and_question_cap(trained, tmp_path):
+    storage = tmp_path / "runs"
+    cfg = _cfg(trained, storage=storage)
+    dest = cfg.adapters_dir / "best.one"  # a '.' in the id: PEFT would reject it as a module name
+    shutil.copytree(trained["adapter"], dest)
+    (cfg.run_dir / "best.json").write_text(
+        json.dumps({"adapter_id": "best.one", "metric": "eval_loss"})
+    )
+    cfg = _cfg(
+        trained,
+        f"eval.path={trained['subset']}",
+        "eval.max_questions=5",
+        "eval.include_base=false",
+        storage=storage,
+    )
+    result = run_eval(cfg)
+    assert [m.name for m in result.models] == ["tiny-demo"]  # the manifest's adapter id
+    assert result.models[0].adapter_dir == dest
+    assert result.n_questions == 5 and result.models[0].delta_vs_base is None
+    assert str(trained["subset"]) in result.source
+
+
+def test_eval_base_only_when_nothing_is_trained(trained, tmp_path):
+    cfg = _cfg(trained, "eval.max_questions=3", storage=tmp_path / "runs")
+    result = run_eval(cfg)  # prepares the data itself
+    assert [m.name for m in result.models] == ["base"]
+    assert (cfg.data_dir / "stats.json").is_file()
+    with pytest.raises(ModelError, match="nothing to evaluate"):
+        run_eval(_cfg(trained, "eval.include_base=false", storage=tmp_path / "runs"))
+
+
+def test_unknown_adapter_id_or_path(trained, tmp_path):
+    cfg = _cfg(trained, "eval.adapters=[nope]")
+    with pytest.raises(UnknownAdapter, match="unknown adapter 'nope'.*available: tiny-demo"):
+        run_eval(cfg)
+    with pytest.raises(UnknownAdapter, match="no such folder"):
+        resolve_adapter(cfg, str(tmp_path / "missing"))
+    with pytest.raises(ModelError, match="not a tinyqa adapter folder"):
+        resolve_adapter(cfg, str(tmp_path))
+    assert resolve_adapter(cfg, "tiny-demo") == cfg.adapters_dir / "tiny-demo"
+    assert resolve_adapter(cfg, str(trained["adapter"])) == trained["adapter"].resolve()
+
+
+def test_best_json_naming_a_missing_adapter(trained, tmp_path):
+    cfg = _cfg(trained, storage=tmp_path / "runs")
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "best.json").write_text(json.dumps({"adapter_id": "gone"}))
+    with pytest.raises(ModelError, match="names adapter 'gone'"):
+        run_eval(cfg)
+
+
+def test_adapters_on_different_bases_are_refused(trained, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(trained["adapter"], other)
+    manifest = json.loads((other / "tinyqa.json").read_text())
+    manifest["base_model"] = manifest["config"]["model"]["name"] = "tinyllama-arch"
+    (other / "tinyqa.json").write_text(json.dumps(manifest))
+    cfg = _cfg(trained, f"eval.adapters=[tiny-demo,{other}]")
+    with pytest.raises(ModelError, match="different base models"):
+        run_eval(cfg)
+
+
+def test_bad_eval_file_and_empty_split(trained, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps([{"question": "ok?", "answer_keywords": []}, {"answer_keywords": ["x"]}])
+    )
+    with pytest.raises(DatasetError) as err:
+        run_eval(_cfg(trained, f"eval.path={bad}"))
+    assert "record 0" in str(err.value) and "record 1" in str(err.value)
+
+    cfg = _cfg(trained, storage=tmp_path / "runs")
+    cfg.data_dir.mkdir(parents=True)
+    (cfg.data_dir / "stats.json").write_text("{}")
+    shutil.copy(trained["cfg"].data_dir / "train.jsonl", cfg.data_dir / "train.jsonl")
+    (cfg.data_dir / "eval.jsonl").write_text("")
+    with pytest.raises(DatasetError, match="'eval' split is empty"):
+        run_eval(cfg)
+
+
+def test_evaluate_adapter_dir_needs_records(trained):
+    with pytest.raises(TinyQAError, match="no records"):
+        evaluate_adapter_dir(trained["adapter"], [], 8, 4)
+    records = load_records(trained["subset"])[:3]
+    out = evaluate_adapter_dir(trained["adapter"], records, max_new_tokens=8, batch_size=2)
+    assert all(0.0 <= out[m] <= (100.0 if m == "bleu" else 1.0) for m in METRICS)
+
+
+def test_format_eval_table_marks_sure_changes_and_missing_values():
+    agg = {m: {"mean": 0.5, "ci95": [0.4, 0.6]} for m in METRICS}
+    agg["keyword_recall"] = {"mean": None, "ci95": [None, None]}
+    up = {m: {"mean": 0.2, "ci95": [0.1, 0.3]} for m in METRICS}
+    up["bleu"] = {"mean": 1.0, "ci95": [-2.0, 3.0]}
+    result = EvalResult(
+        base_model="tiny",
+        source="eval split",
+        n_questions=10,
+        models=[
+            ModelReport("base", None, agg, None, 2.0),
+            ModelReport("mine", Path("/x/mine"), agg, up, 1.0),
+        ],
+        seconds=3.0,
+    )
+    table = format_eval_table(result)
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| model | keyword recall |")
+    assert lines[1].startswith("| base (tiny) | n/a [n/a, n/a] | 50.0 [40.0, 60.0] |")
+    assert "50.0 [40.0, 60.0] (+20.0*)" in lines[2]  # token F1 etc.: the CI excludes 0
+    assert "0.5 [0.4, 0.6] (+1.0)" in lines[2]  # BLEU is 0-100 already; its CI spans 0
+    assert lines[1].endswith("| 20.0 |") and lines[2].endswith("| 10.0 |")  # s per 100 questions
