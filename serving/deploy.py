@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import TinyQAError
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 HEALTH_TIMEOUT_S = 600.0  # a first deploy may load a large model onto a fresh GPU node
 
 
@@ -40,48 +35,15 @@ def endpoint_url(cfg: TinyQAConfig) -> str:
     return f"http://{host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
 
 
-def start_local_cluster() -> None:
-    """``ray start --head`` as a detached local cluster (all CPUs; GPUs auto-detected).
-
-    The dashboard stays on (bound to localhost): ``serve deploy``, ``serve status`` and
-    ``ray job submit`` talk to its REST API. Workers get the repository root on PYTHONPATH so
-    a source checkout's ``serving`` package imports in replicas.
-    """
-    ray_bin = Path(sys.executable).with_name("ray")
-    exe = str(ray_bin) if ray_bin.is_file() else shutil.which("ray")
-    if exe is None:
-        raise ServeError("the `ray` command is not installed; pip install 'ray[serve]'")
-    cmd = [exe, "start", "--head", f"--num-cpus={os.cpu_count() or 1}", "--disable-usage-stats"]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    logger.info(
-        "no Ray cluster is running: starting a detached local one (%s); stop it with `ray stop`",
-        " ".join(cmd[1:]),
-    )
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ServeError(
-            f"`ray start --head` failed ({tail[0]}); start a cluster yourself (`ray start --head`) "
-            "or pass --blocking to serve from this process"
-        )
-
-
 def _join_cluster(cfg: TinyQAConfig, blocking: bool) -> None:
     """Make sure a cluster that outlives this process is joined (unless ``blocking``)."""
-    import ray
+    from tinyqa.cluster import connect, connect_persistent
 
-    from tinyqa.cluster import connect
-
-    if not ray.is_initialized() and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
-        try:
-            ray.init(address="auto", log_to_driver=False)
-            logger.info("joined the running local Ray cluster")
-        except ConnectionError:
-            if not blocking:
-                start_local_cluster()
-    connect(cfg)
-    if not blocking and _cluster_lives_in_this_process():
+    if blocking:
+        connect(cfg)
+        return
+    connect_persistent(cfg)
+    if _cluster_lives_in_this_process():
         logger.warning(
             "this process started its own Ray (ray.init without an address): the endpoint goes "
             "away when the process exits; for a lasting endpoint run `ray start --head` first"

@@ -6,6 +6,7 @@ import logging
 import os
 
 from tinyqa.config import TinyQAConfig
+from tinyqa.errors import TinyQAError
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,11 @@ def connect(cfg: TinyQAConfig, num_cpus: int | None = None) -> None:
         logger.info("connected to the running local Ray cluster")
     except (ConnectionError, RuntimeError):
         logger.info("no Ray cluster found; starting a local one")
+        # The dashboard (state API) must run: Ray Train's cleanup of a trial that ASHA stopped
+        # finds its placement group through it, or the trial's CPUs are never freed.
         ray.init(
             num_cpus=num_cpus,
-            include_dashboard=False,
+            include_dashboard=True,
             runtime_env={"env_vars": worker_env()},
             log_to_driver=True,
         )
@@ -60,15 +63,18 @@ def start_local_cluster(num_cpus: int | None = None) -> None:
     import sys
     from pathlib import Path
 
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    cmd = [ray_bin, "start", "--head", "--disable-usage-stats", "--include-dashboard=false"]
+    venv_ray = Path(sys.executable).with_name("ray")
+    ray_bin = str(venv_ray) if venv_ray.is_file() else shutil.which("ray") or "ray"
+    cmd = [ray_bin, "start", "--head", "--disable-usage-stats", "--dashboard-host=127.0.0.1"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     env = {**os.environ, **worker_env()}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"`{' '.join(cmd)}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise TinyQAError(
+            f"`ray start --head` failed ({tail[0]}); start a cluster yourself (`ray start --head`) "
+            "or set ray_address"
         )
     logger.info("started a local Ray cluster (stop it with `ray stop`)")
 

@@ -35,6 +35,9 @@ class RayCluster:
     dashboard_url: str  # job API for `ray job submit --address`
     temp_dir: str
 
+    def stop(self) -> None:
+        stop_cluster(self.temp_dir)
+
     def env(self) -> dict[str, str]:
         return {**os.environ, "RAY_ADDRESS": self.address}
 
@@ -66,8 +69,24 @@ class RayCluster:
 
 
 def _pids_of(temp_dir: str) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in out.splitlines() if temp_dir in line]
+    """This cluster's processes: those naming its temp dir, and all their descendants."""
+    # -ww: without a terminal ps cuts lines at 80 columns, before the temp dir shows.
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True
+    ).stdout
+    rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
+    children: dict[int, list[int]] = {}
+    for row in rows:
+        children.setdefault(int(row[1]), []).append(int(row[0]))
+    found = [int(r[0]) for r in rows if len(r) > 2 and temp_dir in r[2]]
+    todo, seen = list(found), set(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    seen.discard(os.getpid())
+    return sorted(seen)
 
 
 def stop_cluster(temp_dir: str) -> None:
@@ -99,7 +118,13 @@ def start_cluster(num_cpus: int = 4) -> RayCluster:
         "--disable-usage-stats",
     ]
     # Jobs run `python ...` through the cluster's PATH: make it this interpreter's.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        # Ray Train's placement-group cleaner finds the cluster through RAY_ADDRESS; without it, a
+        # trial ASHA stopped keeps its CPUs when several clusters share the machine.
+        "RAY_ADDRESS": f"127.0.0.1:{port}",
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     if proc.returncode != 0:
         stop_cluster(temp_dir)
@@ -130,6 +155,12 @@ def _wait_for_job_api(cluster: RayCluster, timeout: float = 180) -> None:
             pass
         time.sleep(0.5)
     raise RuntimeError("the Ray job API did not come up")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_factory():
+    """Start extra clusters (the caller stops them with ``cluster.stop()``)."""
+    return start_cluster
 
 
 @pytest.fixture(scope="module")
