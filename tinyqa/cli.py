@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite", choices=["train", "serve", "tune", "gpu"], help="what to measure")
     p.add_argument("--out", help="results folder (default <storage>/<experiment>/bench)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    p.add_argument("--endpoint", help="serve suite: measure this running deployment instead")
     _common(p)
     return parser
 
@@ -180,7 +181,8 @@ def _cmd_demo(cfg: TinyQAConfig, args: argparse.Namespace) -> int:
 def _cmd_bench(cfg: TinyQAConfig, args: argparse.Namespace) -> int:
     from tinyqa.bench import format_bench, run_bench
 
-    result = run_bench(cfg, args.suite, out=args.out, quick=args.quick)
+    options = {"endpoint": args.endpoint} if args.endpoint else {}
+    result = run_bench(cfg, args.suite, out=args.out, quick=args.quick, **options)
     print(format_bench(result))
     return 0
 

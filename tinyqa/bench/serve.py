@@ -1,0 +1,547 @@
+"""Serving benchmark: the Serve endpoint under sequential and concurrent clients, with one adapter
+and with four mixed, against the seed's way (an in-process ``generate`` loop, one question at a
+time).
+
+Without ``endpoint``, the bench deploys a scratch app on a private local Ray (in its own
+process, removed afterwards) over four adapters it creates (fresh LoRA weights of ``cfg.lora``
+on ``cfg.model``: the same compute as trained ones), with the model deployment pinned to
+``replicas`` replicas so autoscaling does not move the figures. With ``endpoint``, it measures
+that running deployment and its adapters as ``GET /v1/models`` lists them.
+
+Every mode sends the same questions (the same number of requests), so requests/s and generated
+tokens/s compare across modes. Clients speak the HTTP contract: ``POST /v1/ask``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tinyqa.bench.common import (
+    BenchError,
+    new_result,
+    percentile,
+    ratio,
+    run_arm,
+    set_ray_worker_niceness,
+    target,
+)
+from tinyqa.config import TinyQAConfig, build_config
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_IDS = ("bench-a0", "bench-a1", "bench-a2", "bench-a3")
+FULL = {"concurrency": (1, 8, 16, 32), "requests": 96}
+QUICK = {"concurrency": (1, 4), "requests": 8, "max_new_tokens": 8}
+APP_NAME = "tinyqa-bench"
+
+
+def _questions(cfg: TinyQAConfig, n: int) -> list[str]:
+    from tinyqa.data import dataset_path, load_records
+
+    records = load_records(dataset_path(cfg.data), cfg.data.max_question_chars)
+    return [records[i % len(records)].question for i in range(n)]
+
+
+def make_adapters(cfg: TinyQAConfig, ids: tuple[str, ...] = ADAPTER_IDS) -> list[Path]:
+    """Write fresh (untrained) LoRA adapters of ``cfg.lora`` on ``cfg.model`` under
+    ``cfg.adapters_dir``, one folder per id, each a valid tinyqa adapter with its manifest."""
+    import torch
+
+    from tinyqa.model import apply_lora, load_base_model, load_tokenizer, save_adapter
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = apply_lora(load_base_model(cfg.model, "cpu", "none"), cfg.lora)
+    paths = []
+    for adapter_id in ids:
+        manifest = {
+            "adapter_id": adapter_id,
+            "base_model": cfg.model.name,
+            "config": cfg.to_dict(),
+            "metrics": {},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "note": "benchmark adapter: fresh LoRA weights, not trained",
+        }
+        paths.append(save_adapter(model, tokenizer, cfg.adapters_dir / adapter_id, manifest))
+    return paths
+
+
+# ----------------------------------------------------------------------------- load generation
+async def _run_mode(
+    client,
+    url: str,
+    questions: list[str],
+    adapters: list[str | None],
+    concurrency: int,
+    max_new_tokens: int,
+    headers: dict[str, str],
+) -> dict[str, Any]:
+    """``len(questions)`` requests from ``concurrency`` clients, each sending its next one as
+    soon as its previous answer is back (closed loop)."""
+    pending = list(range(len(questions)))
+    latencies: list[float] = []
+    tokens = 0
+    codes: dict[str, int] = {}
+    first_error: list[str] = []
+
+    async def client_loop() -> None:
+        nonlocal tokens
+        while pending:
+            i = pending.pop(0)
+            body: dict[str, Any] = {"question": questions[i], "max_new_tokens": max_new_tokens}
+            adapter = adapters[i % len(adapters)]
+            if adapter is not None:
+                body["adapter"] = adapter
+            t = time.perf_counter()
+            try:
+                r = await client.post(f"{url}/v1/ask", json=body, headers=headers)
+                code = str(r.status_code)
+            except Exception as e:  # a refused / reset connection counts as a failed request
+                code, r = type(e).__name__, None
+            codes[code] = codes.get(code, 0) + 1
+            if r is not None and r.status_code == 200:
+                latencies.append(time.perf_counter() - t)
+                tokens += int(r.json().get("usage", {}).get("completion_tokens", 0))
+            elif not first_error:
+                first_error.append(f"{code}: {r.text[:200] if r is not None else ''}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    ok = len(latencies)
+    return {
+        "concurrency": concurrency,
+        "requests": len(questions),
+        "ok": ok,
+        "errors": len(questions) - ok,
+        "status_codes": codes,
+        "first_error": first_error[0] if first_error else None,
+        "wall_seconds": wall,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
+        "latency_max_s": max(latencies) if latencies else None,
+        "requests_per_second": ok / wall if wall > 0 else None,
+        "completion_tokens": tokens,
+        "tokens_per_second": tokens / wall if wall > 0 else None,
+    }
+
+
+async def _run_modes(
+    url: str,
+    questions: list[str],
+    adapter_sets: dict[str, list[str | None]],
+    concurrency: tuple[int, ...],
+    max_new_tokens: int,
+    api_key: str | None,
+) -> dict[str, dict[str, Any]]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(
+        max_connections=max(concurrency) + 4, max_keepalive_connections=max(concurrency) + 4
+    )
+    out: dict[str, dict[str, Any]] = {}
+    # trust_env=False: a proxy from the environment must not sit between us and loopback.
+    async with httpx.AsyncClient(timeout=300.0, limits=limits, trust_env=False) as client:
+        for label, adapters in adapter_sets.items():
+            # Warm-up: every adapter loaded on the replica, connections open, batch path taken.
+            warm = [questions[i % len(questions)] for i in range(2 * max(len(adapters), 4))]
+            await _run_mode(
+                client, url, warm, adapters, min(8, max(concurrency)), max_new_tokens, headers
+            )
+            out[label] = {}
+            for c in concurrency:
+                out[label][f"c{c}"] = await _run_mode(
+                    client, url, questions, adapters, c, max_new_tokens, headers
+                )
+                logger.info(
+                    "serve bench %s, %d clients: %.1f req/s",
+                    label,
+                    c,
+                    out[label][f"c{c}"]["requests_per_second"] or 0.0,
+                )
+    return out
+
+
+def list_endpoint_adapters(url: str, api_key: str | None) -> list[str]:
+    """Adapter ids a running endpoint serves (``GET /v1/models`` entries with a parent)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{url}/v1/models", headers=headers, timeout=30.0, trust_env=False)
+    except httpx.HTTPError as e:
+        raise BenchError(f"cannot reach {url}/v1/models ({e!r}); is the endpoint running?") from e
+    if r.status_code != 200:
+        raise BenchError(f"{url}/v1/models answered HTTP {r.status_code}: {r.text[:200]}")
+    return [m["id"] for m in r.json().get("data", []) if m.get("parent")]
+
+
+# ----------------------------------------------------------------------------- arm processes
+def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
+    """The seed's way: one process, one question at a time through ``QAEngine`` (spec: config,
+    threads, requests, max_new_tokens, adapter, make_adapters)."""
+    import torch
+
+    from tinyqa.inference import QAEngine
+
+    cfg = build_config(spec["config"], "bench serve config")
+    if spec.get("make_adapters"):
+        make_adapters(cfg)
+    torch.set_num_threads(int(spec["threads"]))
+    t = time.perf_counter()
+    engine = QAEngine(
+        cfg.model,
+        cfg.adapters_dir,
+        quantization=cfg.serve.quantization,
+        max_adapters=cfg.serve.max_adapters_per_replica,
+        system_prompt=cfg.data.system_prompt,
+    )
+    load_seconds = time.perf_counter() - t
+    questions = _questions(cfg, int(spec["requests"]))
+    adapter, n_new = spec.get("adapter"), int(spec["max_new_tokens"])
+    engine.ask(questions[0], adapter, n_new)  # warm-up (adapter load, first-call costs)
+    latencies, tokens = [], 0
+    started = time.perf_counter()
+    for q in questions:
+        t = time.perf_counter()
+        tokens += engine.ask(q, adapter, n_new).completion_tokens
+        latencies.append(time.perf_counter() - t)
+    wall = time.perf_counter() - started
+    return {
+        "name": "in-process loop",
+        "concurrency": 1,
+        "requests": len(questions),
+        "ok": len(questions),
+        "errors": 0,
+        "threads": torch.get_num_threads(),
+        "load_seconds": load_seconds,
+        "wall_seconds": wall,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
+        "latency_max_s": max(latencies),
+        "requests_per_second": len(questions) / wall,
+        "completion_tokens": tokens,
+        "tokens_per_second": tokens / wall,
+    }
+
+
+def measure_serving(spec: dict[str, Any]) -> dict[str, Any]:
+    """Deploy the scratch app on a private local Ray, run every mode, remove it (spec: config,
+    threads, requests, concurrency, max_new_tokens)."""
+    import ray
+
+    from tinyqa.cluster import worker_env
+
+    try:
+        from serving.deploy import deploy  # the Serve app ships beside tinyqa, not inside it
+    except ImportError as e:
+        raise BenchError(
+            "the serve bench deploys the `serving` package, which is not importable here; run "
+            "it from a tinyqa checkout, or measure a running endpoint (endpoint=URL)"
+        ) from e
+    from serving.app import api_key_for
+
+    cfg = build_config(spec["config"], "bench serve config")
+    set_ray_worker_niceness(spec.get("worker_niceness"))  # replicas vs the baseline at 0
+    t = time.perf_counter()
+    ray.init(
+        address="local",
+        num_cpus=int(spec["threads"]),
+        include_dashboard=False,
+        runtime_env={"env_vars": worker_env()},
+        log_to_driver=False,
+    )
+    ray_init = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        url = deploy(cfg, blocking=False)
+        cold = time.perf_counter() - t
+        questions = _questions(cfg, int(spec["requests"]))
+        sets: dict[str, list[str | None]] = {
+            "1 adapter": [ADAPTER_IDS[0]],
+            "4 adapters": list(ADAPTER_IDS),
+        }
+        modes = asyncio.run(
+            _run_modes(
+                url,
+                questions,
+                sets,
+                tuple(spec["concurrency"]),
+                int(spec["max_new_tokens"]),
+                api_key_for(cfg),
+            )
+        )
+    finally:
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return {"url": url, "ray_init_seconds": ray_init, "deploy_seconds": cold, "modes": modes}
+
+
+# ----------------------------------------------------------------------------- driver side
+def _scratch_config(
+    cfg: TinyQAConfig, work: Path, replicas: int | None, max_new_tokens: int
+) -> dict[str, Any]:
+    d = cfg.to_dict()
+    d.update(storage_path=str(work), experiment="bench-serve")
+    s = d["serve"]
+    s.update(
+        app_name=APP_NAME,
+        adapter_root=None,
+        default_adapter=ADAPTER_IDS[0],
+        max_new_tokens=min(max_new_tokens, s["max_new_tokens_cap"]),
+    )
+    s["max_adapters_per_replica"] = max(s["max_adapters_per_replica"], len(ADAPTER_IDS))
+    if replicas is not None:
+        s.update(min_replicas=replicas, max_replicas=replicas, initial_replicas=replicas)
+    return build_config(d, "bench serve config").to_dict()
+
+
+def bench_serve(
+    cfg: TinyQAConfig,
+    out: Path,
+    quick: bool = False,
+    endpoint: str | None = None,
+    replicas: int | None = 1,
+    ray_worker_niceness: int | None = 0,
+) -> dict[str, Any]:
+    """Measure serving (see the module docstring) and return the suite's result.
+
+    ``ray_worker_niceness``: niceness of the scratch Ray's workers (None = Ray's default, 15).
+    """
+    started = time.perf_counter()
+    sizes = QUICK if quick else FULL
+    max_new = sizes.get("max_new_tokens", cfg.serve.max_new_tokens)
+    threads = os.cpu_count() or 1
+    work = Path(tempfile.mkdtemp(prefix="_work-serve-", dir=out))
+    config = _scratch_config(cfg, work, replicas, max_new)
+    c = build_config(config)
+    # A replica gets floor(num_cpus) threads from Ray; the baseline gets as many.
+    base_threads = max(1, int(c.serve.num_cpus))
+    settings = {
+        "model": c.model.name,
+        "quantization": c.serve.quantization,
+        "endpoint": endpoint,
+        "replicas": replicas if endpoint is None else "as deployed",
+        "max_batch_size": c.serve.max_batch_size,
+        "batch_wait_timeout_s": c.serve.batch_wait_timeout_s,
+        "replica_num_cpus": c.serve.num_cpus,
+        "baseline_threads": base_threads,
+        "max_new_tokens": max_new,
+        "requests_per_mode": sizes["requests"],
+        "concurrency": list(sizes["concurrency"]),
+        "ray_cpus": threads,
+        "ray_worker_niceness": ray_worker_niceness if endpoint is None else "as deployed",
+    }
+    result = new_result("serve", quick, settings)
+    try:
+        if endpoint is None:
+            baseline = run_arm(
+                "serve_baseline",
+                {
+                    "name": "baseline",
+                    "config": config,
+                    "threads": base_threads,
+                    "requests": sizes["requests"],
+                    "max_new_tokens": max_new,
+                    "adapter": ADAPTER_IDS[0],
+                    "make_adapters": True,
+                },
+                600.0,
+                work / "arms",
+            )
+            served = run_arm(
+                "serve_load",
+                {
+                    "name": "serve",
+                    "config": config,
+                    "threads": threads,
+                    "requests": sizes["requests"],
+                    "concurrency": list(sizes["concurrency"]),
+                    "max_new_tokens": max_new,
+                    "worker_niceness": ray_worker_niceness,
+                },
+                600.0 if quick else 1200.0,
+                work / "arms",
+            )
+        else:
+            baseline, served = _bench_endpoint(
+                cfg, endpoint.rstrip("/"), sizes, max_new, base_threads, work, result["notes"]
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["arms"] = {"baseline": baseline, "serve": served}
+    _fill_serve_tables(result, baseline, served, quick)
+    result["wall_seconds"] = time.perf_counter() - started
+    return result
+
+
+def _bench_endpoint(
+    cfg: TinyQAConfig,
+    url: str,
+    sizes: dict[str, Any],
+    max_new: int,
+    base_threads: int,
+    work: Path,
+    notes: list[str],
+):
+    """Load a running endpoint; the baseline uses the same adapter from the local adapter root."""
+    from tinyqa.inference import list_adapters
+
+    api_key = cfg.serve.api_key or os.environ.get("TINYQA_API_KEY") or None
+    adapters = list_endpoint_adapters(url, api_key)
+    if not adapters:
+        notes.append("the endpoint lists no adapters: every mode asks the base model")
+    sets: dict[str, list[str | None]] = {"1 adapter": [adapters[0] if adapters else None]}
+    if len(adapters) > 1:
+        sets[f"{min(4, len(adapters))} adapters"] = list(adapters[:4])
+    t = time.perf_counter()
+    modes = asyncio.run(
+        _run_modes(
+            url,
+            _questions(cfg, sizes["requests"]),
+            sets,
+            tuple(sizes["concurrency"]),
+            max_new,
+            api_key,
+        )
+    )
+    served = {
+        "url": url,
+        "ray_init_seconds": None,
+        "deploy_seconds": None,
+        "modes": modes,
+        "load_seconds": time.perf_counter() - t,
+    }
+    local = list_adapters(cfg.adapters_dir)
+    baseline = None
+    if not adapters or adapters[0] in local:
+        baseline = run_arm(
+            "serve_baseline",
+            {
+                "name": "baseline",
+                "config": cfg.to_dict(),
+                "threads": base_threads,
+                "requests": sizes["requests"],
+                "max_new_tokens": max_new,
+                "adapter": adapters[0] if adapters else None,
+                "make_adapters": False,
+            },
+            600.0,
+            work / "arms",
+        )
+    else:
+        notes.append(f"baseline skipped: adapter {adapters[0]!r} is not under {cfg.adapters_dir}")
+    return baseline, served
+
+
+def _fill_serve_tables(
+    result: dict[str, Any], baseline: dict[str, Any] | None, served: dict[str, Any], quick: bool
+) -> None:
+    cols = [
+        "mode",
+        "adapters",
+        "clients",
+        "requests",
+        "errors",
+        "p50 s",
+        "p95 s",
+        "req/s",
+        "generated tok/s",
+    ]
+    rows = []
+    if baseline:
+        rows.append(
+            [
+                "in-process generate loop",
+                1,
+                1,
+                baseline["requests"],
+                0,
+                baseline["latency_p50_s"],
+                baseline["latency_p95_s"],
+                baseline["requests_per_second"],
+                baseline["tokens_per_second"],
+            ]
+        )
+    for label, modes in served["modes"].items():
+        for m in modes.values():
+            rows.append(
+                [
+                    "Serve /v1/ask",
+                    label.split()[0],
+                    m["concurrency"],
+                    m["requests"],
+                    m["errors"],
+                    m["latency_p50_s"],
+                    m["latency_p95_s"],
+                    m["requests_per_second"],
+                    m["tokens_per_second"],
+                ]
+            )
+    s = result["settings"]
+    result["table"] = {
+        "title": f"Serving {s['model']} ({s['max_new_tokens']} new tokens max, "
+        f"{s['replicas']} model replica(s), batch ≤{s['max_batch_size']})",
+        "columns": cols,
+        "rows": rows,
+    }
+    one = served["modes"].get("1 adapter", {})
+    four = next((v for k, v in served["modes"].items() if k != "1 adapter"), {})
+    seq = one.get("c1", {})
+    c16 = one.get("c16") or {}
+
+    def rps(m: dict) -> float | None:
+        return m.get("requests_per_second") if m else None
+
+    top = max((m["concurrency"] for m in one.values()), default=None)
+    r = {
+        "16 clients / sequential req/s (1 adapter)": ratio(rps(c16), rps(seq)),
+        "p95 at 16 clients / sequential p50 (1 adapter)": ratio(
+            c16.get("latency_p95_s"), seq.get("latency_p50_s")
+        ),
+        "16 clients / sequential req/s (4 adapters)": ratio(
+            rps(four.get("c16", {})), rps(four.get("c1", {}))
+        ),
+        "4 adapters / 1 adapter req/s at 16 clients": ratio(rps(four.get("c16", {})), rps(c16)),
+        "sequential Serve / in-process loop req/s": ratio(rps(seq), rps(baseline or {})),
+        f"{top} clients Serve / in-process loop req/s": ratio(
+            rps(one.get(f"c{top}", {})), rps(baseline or {})
+        ),
+        "deploy (cold start) s": served.get("deploy_seconds"),
+    }
+    result["ratios"] = r
+    result["targets"] = [
+        target(
+            "16 concurrent clients ≥ 3× sequential throughput (tiny, CPU)",
+            3.0,
+            r["16 clients / sequential req/s (1 adapter)"],
+        ),
+        target(
+            "p95 at 16 clients ≤ 4× sequential p50",
+            4.0,
+            r["p95 at 16 clients / sequential p50 (1 adapter)"],
+            higher_is_better=False,
+        ),
+    ]
+    result["notes"] += [
+        "Closed loop: each client sends its next request when its answer is back; every mode "
+        "sends the same questions. Latency is the client's (HTTP round trip).",
+        "Adapters are fresh (untrained) LoRA weights: the same compute per token as trained ones; "
+        "answers run until end-of-sequence or the token limit.",
+        "The in-process loop (the seed's way) runs one question at a time through QAEngine, with "
+        "as many threads as a replica gets.",
+    ]
+    if quick:
+        result["notes"].append("quick run: 16-client figures not measured")
