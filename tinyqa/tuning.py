@@ -60,6 +60,15 @@ FINAL_METRICS: dict[str, str | None] = {
     "tokens_per_second": "max",
     "train_seconds": "min",
 }
+# Generation metrics (tinyqa.evaluation), computed on the held-out split after a trial's
+# training ends, on a freshly loaded model (a 4-bit base must not generate before it trains).
+GENERATION_METRICS: dict[str, str | None] = {
+    "keyword_recall": "max",
+    "exact_match": "max",
+    "token_f1": "max",
+    "rougeL": "max",
+    "bleu": "max",
+}
 # Only the final report carries this key: a trial whose last result has it ran to the end.
 _COMPLETION_KEY = "train_seconds"
 # A trial driver only waits on its Train run; Tune cannot place a bundle that asks for nothing.
@@ -123,7 +132,7 @@ class SweepResult:
 
 def known_metrics() -> dict[str, str | None]:
     """Every metric a trial reports, with its better direction (None = give tune.mode)."""
-    return {**CHECKPOINT_METRICS, **FINAL_METRICS}
+    return {**CHECKPOINT_METRICS, **FINAL_METRICS, **GENERATION_METRICS}
 
 
 def sweep_mode(cfg: TinyQAConfig) -> str:
@@ -397,6 +406,31 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
         storage_path=_trial_runs_dir(cfg),
     )
     trainer.fit()
+    if cfg.tune.metric in GENERATION_METRICS:
+        from tinyqa.model import read_manifest
+
+        # The final training metrics as exported with the adapter, plus the generation scores.
+        final = read_manifest(cfg.adapters_dir / adapter_id)["metrics"]
+        final = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+        tune.report({**final, **_generation_scores(cfg), "adapter_id": adapter_id})
+
+
+def _generation_scores(cfg: TinyQAConfig) -> dict[str, float]:
+    """Generation metrics of a trial's exported adapter on the held-out split, computed in a Ray
+    task with the trial's accelerator (a fresh model load, not the one that trained)."""
+    import ray
+
+    from tinyqa.data import read_prepared
+    from tinyqa.evaluation import evaluate_adapter_dir
+
+    records = read_prepared(cfg.data_dir).questions("eval")[: cfg.eval.max_questions]
+    gpus = cfg.train.gpus_per_worker if cfg.train.use_gpu else 0
+    # "DEFAULT": outside the trial's placement group, which only reserves the trial driver.
+    task = ray.remote(num_cpus=1, num_gpus=gpus, scheduling_strategy="DEFAULT")(
+        evaluate_adapter_dir
+    )
+    adapter_dir = cfg.adapters_dir / cfg.adapter_id
+    return ray.get(task.remote(adapter_dir, records, cfg.eval.max_new_tokens, cfg.eval.batch_size))
 
 
 def _absolute_paths(cfg: TinyQAConfig) -> dict[str, Any]:

@@ -147,6 +147,15 @@ def test_explicit_mode_and_metric_choices():
     )
 
 
+@pytest.mark.parametrize("metric", ["keyword_recall", "exact_match", "token_f1", "rougeL", "bleu"])
+def test_generation_metrics_select_the_best_trial(metric):
+    cfg = cfg_with(f"tune.metric={metric}")
+    tuning.validate_sweep(cfg)
+    assert tuning.sweep_mode(cfg) == "max"
+    # Scored after training ends: early stopping still ranks trials by eval loss.
+    assert tuning.scheduler_metric(cfg) == ("eval_loss", "min")
+
+
 # ----- planning -----------------------------------------------------------------------------
 
 
