@@ -63,7 +63,7 @@ from serving.api import (
     sse,
     usage,
 )
-from tinyqa.config import TinyQAConfig, build_config, load_config, parse_overrides
+from tinyqa.config import TinyQAConfig, build_config, load_config, merge_dicts, parse_overrides
 from tinyqa.errors import ConfigError, TinyQAError
 from tinyqa.inference import GenerationRequest, QAEngine, ServingPlan, serving_plan
 
@@ -115,18 +115,8 @@ class AppArgs(BaseModel):
         """The validated tinyqa config; raises :class:`ConfigError`."""
         if self.settings is None:
             return load_config(self.config_path(), self.overrides)
-        data = _deep_merge(self.settings, parse_overrides(self.overrides))
+        data = merge_dicts(self.settings, parse_overrides(self.overrides))
         return build_config(data, "build_app settings" + (" + overrides" if self.overrides else ""))
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def resolved(cfg: TinyQAConfig) -> TinyQAConfig:

@@ -371,11 +371,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge: ``extra``'s values win, nested sections merge key by key."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
     return out
@@ -428,7 +429,7 @@ def load_config(
             )
         data = loaded
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        data = merge_dicts(data, parse_overrides(overrides))
         source += " + overrides"
     return build_config(data, source)
 

@@ -372,15 +372,18 @@ class QAEngine:
         new_tokens = out[:, inputs["input_ids"].shape[1] :]  # (B, T_new)
         results = []
         for req, prompt, row in zip(batch, encoded, new_tokens.tolist(), strict=True):
-            row = row[: req.max_new_tokens]
-            finish = "length"
-            if self.tokenizer.eos_token_id in row:
-                row = row[: row.index(self.tokenizer.eos_token_id)]
-                finish = "stop"
-            with self._tok_lock:
-                text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
-            results.append(GenerationResult(text, adapter, len(prompt), len(row), finish))
+            results.append(self._result(row[: req.max_new_tokens], adapter, len(prompt)))
         return results
+
+    def _result(self, row: list[int], adapter: str | None, prompt_tokens: int) -> GenerationResult:
+        """Cut generated ids at eos (finish 'stop'; else 'length') and decode them."""
+        finish = "length"
+        if self.tokenizer.eos_token_id in row:
+            row = row[: row.index(self.tokenizer.eos_token_id)]
+            finish = "stop"
+        with self._tok_lock:
+            text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+        return GenerationResult(text, adapter, prompt_tokens, len(row), finish)
 
     @contextlib.contextmanager
     def _tracked(self):
@@ -469,14 +472,7 @@ class QAEngine:
             thread.join()
         if error:
             raise error[0]
-        row = output[0][0, len(prompt) :].tolist()
-        finish = "length"
-        if self.tokenizer.eos_token_id in row:
-            row = row[: row.index(self.tokenizer.eos_token_id)]
-            finish = "stop"
-        with self._tok_lock:
-            text = self.tokenizer.decode(row, skip_special_tokens=True).strip()
-        yield GenerationResult(text, req.adapter, len(prompt), len(row), finish)
+        yield self._result(output[0][0, len(prompt) :].tolist(), req.adapter, len(prompt))
 
     def health_check(self, probe_after_s: float = 30.0) -> None:
         """Raise :class:`ModelError` when the model cannot generate.

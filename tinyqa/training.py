@@ -25,7 +25,17 @@ from tinyqa.errors import StorageError, TinyQAError
 
 logger = logging.getLogger(__name__)
 
-_VERSIONED = ("tinyqa", "torch", "transformers", "peft", "trl", "bitsandbytes", "ray", "datasets")
+_VERSIONED = (
+    "tinyqa",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "ray",
+    "datasets",
+    "accelerate",
+)
 
 
 class TrainingFailed(TinyQAError):

@@ -26,18 +26,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import StorageError, TinyQAError
+from tinyqa.training import package_versions
 
 logger = logging.getLogger(__name__)
 
 SUITES = ("train", "serve", "tune", "gpu")
 _RAY_NICENESS_ENV = "RAY_worker_niceness"  # Ray's own (case-sensitive) config override
-_VERSIONED = ("torch", "transformers", "peft", "trl", "bitsandbytes", "ray", "accelerate")
 
 
 class BenchError(TinyQAError):
@@ -78,16 +77,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def machine_info() -> dict[str, Any]:
     """Where a figure came from: host, CPU, cores, memory, GPU, package versions, load."""
     info: dict[str, Any] = {
@@ -99,7 +88,7 @@ def machine_info() -> dict[str, Any]:
         "memory_gb": _memory_gb(),
         "load_average": _loadavg(),
         "gpu": None,
-        "versions": versions(),
+        "versions": package_versions(),
     }
     try:
         import torch
