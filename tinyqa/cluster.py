@@ -102,3 +102,19 @@ def connect_persistent(cfg: TinyQAConfig, num_cpus: int | None = None) -> None:
         start_local_cluster(num_cpus)
     if not ray.is_initialized():
         connect(cfg)
+
+
+def start_private(num_cpus: int) -> None:
+    """A new in-process local Ray that never joins another cluster on this machine (benchmarks).
+
+    The dashboard runs because Ray Train's cleanup of ASHA-stopped trials needs the state API.
+    """
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        runtime_env={"env_vars": worker_env()},
+        log_to_driver=False,
+    )

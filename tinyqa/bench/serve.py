@@ -238,7 +238,7 @@ def measure_serving(spec: dict[str, Any]) -> dict[str, Any]:
     threads, requests, concurrency, max_new_tokens)."""
     import ray
 
-    from tinyqa.cluster import worker_env
+    from tinyqa.cluster import start_private
 
     try:
         from serving.deploy import deploy  # the Serve app ships beside tinyqa, not inside it
@@ -252,13 +252,7 @@ def measure_serving(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = build_config(spec["config"], "bench serve config")
     set_ray_worker_niceness(spec.get("worker_niceness"))  # replicas vs the baseline at 0
     t = time.perf_counter()
-    ray.init(
-        address="local",
-        num_cpus=int(spec["threads"]),
-        include_dashboard=False,
-        runtime_env={"env_vars": worker_env()},
-        log_to_driver=False,
-    )
+    start_private(int(spec["threads"]))
     ray_init = time.perf_counter() - t
     try:
         t = time.perf_counter()

@@ -253,7 +253,7 @@ def measure_ray_arm(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import ray
 
-    from tinyqa.cluster import connect, worker_env
+    from tinyqa.cluster import connect, start_private
     from tinyqa.model import read_manifest
     from tinyqa.training import build_trainer
 
@@ -262,13 +262,7 @@ def measure_ray_arm(spec: dict[str, Any]) -> dict[str, Any]:
     own = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     if own:
         set_ray_worker_niceness(spec.get("worker_niceness"))
-        ray.init(
-            address="local",
-            num_cpus=int(spec["threads"]),
-            include_dashboard=False,
-            runtime_env={"env_vars": worker_env()},
-            log_to_driver=False,
-        )
+        start_private(int(spec["threads"]))
     else:
         connect(cfg)
     ray_init_seconds = time.perf_counter() - started

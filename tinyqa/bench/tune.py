@@ -55,7 +55,7 @@ def measure_sweep(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the sweep in this process (spec: name, config, threads) and return its figures."""
     import ray
 
-    from tinyqa.cluster import worker_env
+    from tinyqa.cluster import start_private
     from tinyqa.tuning import count_trials, run_sweep
 
     cfg = build_config(spec["config"], "bench sweep config")
@@ -63,13 +63,7 @@ def measure_sweep(spec: dict[str, Any]) -> dict[str, Any]:
     # A private local Ray: never join a cluster another session started on this machine.
     own = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     if own:
-        ray.init(
-            address="local",
-            num_cpus=int(spec["threads"]),
-            include_dashboard=False,
-            runtime_env={"env_vars": worker_env()},
-            log_to_driver=False,
-        )
+        start_private(int(spec["threads"]))
     try:
         res = run_sweep(cfg, fresh=True)
     finally:
