@@ -88,3 +88,17 @@ def test_job_entrypoints_have_help(repo_root):
         )
         assert proc.returncode == 0, (job, proc.stderr[-2000:])
         assert "--config" in proc.stdout
+
+
+def test_overrides_may_follow_options(capsys, storage, repo_root):
+    config = str(repo_root / "jobs/configs/tiny-cpu.yaml")
+    code, out, _ = _run(
+        capsys, "prepare", "--config", config, "data.eval_fraction=0.2", f"storage_path={storage}"
+    )
+    assert code == 0
+    assert (
+        json.loads((storage / "tiny-demo/data/stats.json").read_text())["eval"] == 102
+    )  # 20 % of 512
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--config", config, "--bogus"])
+    assert exit_.value.code == 2
