@@ -21,6 +21,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
+# Loopback test clusters run without Ray token auth, whatever ~/.ray/auth_token or a test did to
+# the environment (see tests/conftest.py).
+NO_TOKEN_AUTH = {"RAY_AUTH_MODE": "disabled"}
 
 
 def free_port() -> int:
@@ -39,12 +42,13 @@ class RayCluster:
         stop_cluster(self.temp_dir)
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "RAY_ADDRESS": self.address}
+        return {**os.environ, **NO_TOKEN_AUTH, "RAY_ADDRESS": self.address}
 
     def submit(self, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir <repo> -- <entrypoint>`; waits for the job to end."""
         env = {
             **os.environ,
+            **NO_TOKEN_AUTH,
             "RAY_ADDRESS": self.dashboard_url,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         }
@@ -120,6 +124,7 @@ def start_cluster(num_cpus: int = 4) -> RayCluster:
     # Jobs run `python ...` through the cluster's PATH: make it this interpreter's.
     env = {
         **os.environ,
+        **NO_TOKEN_AUTH,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         # Ray Train's placement-group cleaner finds the cluster through RAY_ADDRESS; without it, a
         # trial ASHA stopped keeps its CPUs when several clusters share the machine.

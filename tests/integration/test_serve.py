@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -92,16 +91,12 @@ def serve_cluster():
     import ray
     from ray import serve
 
-    # A private test cluster on loopback: no Ray token auth (the shared ~/.ray token file may be
-    # rotated by other local clusters while this one runs).
-    previous = os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # A private test cluster on loopback (tests/conftest.py turns Ray token auth off).
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     yield
     serve.shutdown()
     ray.shutdown()
-    if previous == "disabled" and os.environ.get("RAY_AUTH_MODE") == "disabled":
-        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 @pytest.fixture(scope="module")

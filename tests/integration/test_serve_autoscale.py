@@ -4,7 +4,6 @@ while it changes. Short delays and a short metrics window keep this within about
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ def autoscaled(tmp_path_factory):
     from serving.deploy import deploy
     from tinyqa.config import load_config
 
-    previous = os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see test_serve.py
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     cfg = load_config(
@@ -57,8 +55,6 @@ def autoscaled(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
-        if previous == "disabled" and os.environ.get("RAY_AUTH_MODE") == "disabled":
-            os.environ.pop("RAY_AUTH_MODE", None)
 
 
 def _replicas(app: str) -> dict[str, int]:
