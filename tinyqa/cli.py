@@ -211,14 +211,19 @@ def load_cli_config(args: argparse.Namespace) -> TinyQAConfig:
     return load_config(path, args.overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides also follow options (`ask "q" --config x a.b=1`):
+    argparse stops filling a positional at the first option and leaves the rest over."""
     args, extra = parser.parse_known_args(argv)
-    # Overrides may follow options (`ask "q" --config x.yaml lora.r=8`): argparse leaves them over.
     stray = [a for a in extra if "=" not in a or a.startswith("-")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(build_parser(), argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -239,13 +244,19 @@ def run_job(
     func: Callable[[TinyQAConfig, argparse.Namespace], object],
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
     argv: list[str] | None = None,
+    description: str | None = None,
 ) -> int:
-    """Shared body of the thin ``jobs/*.py`` entrypoints (parse, load config, run, summarize)."""
-    parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=f"tinyqa {name} job")
+    """Shared body of the thin ``jobs/*.py`` entrypoints (parse, load config, run, summarize).
+
+    A user mistake prints ``error: <message>`` on stderr and exits 2.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"jobs/{name}.py", description=description or f"tinyqa {name} job"
+    )
     if add_args:
         add_args(parser)
     _common(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -254,7 +265,7 @@ def run_job(
         cfg = load_config(args.config, args.overrides)
         summary = func(cfg, args)
     except TinyQAError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     if summary is not None:
         print(summary if isinstance(summary, str) else json.dumps(summary, default=str))
