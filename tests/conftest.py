@@ -51,3 +51,14 @@ def make_config(tmp_path):
         return load_config(path, [f"storage_path={tmp_path / 'runs'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def adapter_helpers():
+    """tests/unit/_adapters.py (in-process tiny adapter training, no Ray), loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_adapters", REPO / "tests/unit/_adapters.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

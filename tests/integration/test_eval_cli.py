@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -18,21 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = "jobs/configs/tiny-cpu.yaml"
 
 
-def _helper():
-    path = REPO / "tests" / "unit" / "_adapters.py"
-    spec = importlib.util.spec_from_file_location("_adapters", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_dir):
+def run(tmp_path_factory, tiny_dir, adapter_helpers):
     """Storage with a tiny adapter fine-tuned in-process on 22 questions (24-record subset)."""
     from tinyqa.config import load_config
     from tinyqa.data import bundled_dataset_path
 
-    helper = _helper()
+    helper = adapter_helpers
     root = tmp_path_factory.mktemp("evalcli")
     subset = helper.write_subset(bundled_dataset_path(), root / "subset.json", 24)
     overrides = [f"storage_path={root / 'runs'}", f"data.path={subset}"]

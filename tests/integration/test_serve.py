@@ -6,7 +6,6 @@ API key and a one-slot queue covers auth and back-pressure.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,20 +34,13 @@ LIMITS = [
 ]
 
 
-def _load_adapter_helper():
-    spec = importlib.util.spec_from_file_location("_adapters", REPO / "tests/unit/_adapters.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory) -> Path:
+def storage(tmp_path_factory, adapter_helpers) -> Path:
     """Two distinct adapters (alpha, beta.v2) on the tiny base and a best.json naming alpha."""
     from tinyqa.config import load_config
     from tinyqa.data import bundled_dataset_path
 
-    helper = _load_adapter_helper()
+    helper = adapter_helpers
     root = tmp_path_factory.mktemp("serve")
     subset = helper.write_subset(bundled_dataset_path(), root / "subset.json", 32)
     for adapter_id, seed, lr in (("alpha", 1, 3.0e-3), ("beta.v2", 2, 1.0e-2)):

@@ -5,8 +5,8 @@ tokenizer files and a ``tinyqa.json`` manifest with the resolved config and metr
 preset, 60 steps over a couple of dozen records take a few seconds on 2 cores and memorize them
 well enough that the adapter answers those questions far better than the base model.
 
-Import it from a test module with ``importlib`` (tests/ is not a package), e.g.
-``load_helper = importlib.util.spec_from_file_location("_adapters", path)``.
+Tests get it through the ``adapter_helpers`` fixture (tests/conftest.py), since tests/ is not a
+package.
 """
 
 from __future__ import annotations

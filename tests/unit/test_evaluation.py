@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -27,19 +26,10 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "tiny-cpu.yaml"
 
 
-def _helper():
-    spec = importlib.util.spec_from_file_location(
-        "_adapters", Path(__file__).with_name("_adapters.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_dir):
+def trained(tmp_path_factory, tiny_dir, adapter_helpers):
     """A tiny adapter fine-tuned on 22 training questions (a 24-record subset of the bundled set)."""
-    helper = _helper()
+    helper = adapter_helpers
     root = tmp_path_factory.mktemp("eval")
     subset = helper.write_subset(bundled_dataset_path(), root / "subset.json", 24)
     overrides = [

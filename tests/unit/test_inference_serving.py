@@ -4,7 +4,6 @@ choice of what to serve."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from pathlib import Path
@@ -33,11 +32,9 @@ def _config(root: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory, tiny_dir) -> Path:
+def adapters(tmp_path_factory, tiny_dir, adapter_helpers) -> Path:
     """Storage with two briefly trained adapters, 'alpha' and 'beta.v2' (a dot, as sweeps name them)."""
-    spec = importlib.util.spec_from_file_location("_adapters", REPO / "tests/unit/_adapters.py")
-    helper = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helper)
+    helper = adapter_helpers
     from tinyqa.data import bundled_dataset_path
 
     root = tmp_path_factory.mktemp("engine")
