@@ -1,4 +1,5 @@
-"""The HTTP contract of the QA endpoint, without Ray: request models, limits, errors, responses.
+"""The HTTP contract of the QA endpoint, without Ray or torch: request models, limits, errors,
+responses.
 
 Everything a request can get wrong is decided here, so it is unit-tested without a cluster:
 the body must be a JSON object (``Content-Type: application/json``), fields are strictly typed
@@ -18,16 +19,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tinyqa.adapters import check_adapter_id, list_adapters, read_manifest, resolve_adapter
 from tinyqa.config import ServeSettings
-from tinyqa.errors import ModelError, TinyQAError
-from tinyqa.inference import (
-    AdapterMismatch,
-    PromptTooLong,
-    UnknownAdapter,
-    list_adapters,
-    resolve_adapter,
-)
-from tinyqa.model import check_adapter_id, read_manifest
+from tinyqa.errors import AdapterMismatch, ModelError, PromptTooLong, TinyQAError, UnknownAdapter
 
 # OpenAI's error "type" values, so OpenAI clients raise the matching exception classes.
 INVALID_REQUEST = "invalid_request_error"

@@ -13,8 +13,14 @@ import logging
 import os
 import time
 
+import httpx
+import ray
+from ray import serve
+from ray.serve.context import _get_global_client
+
+from tinyqa.cluster import connect, connect_persistent
 from tinyqa.config import TinyQAConfig
-from tinyqa.errors import TinyQAError
+from tinyqa.errors import TinyQAError, last_line
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +43,6 @@ def endpoint_url(cfg: TinyQAConfig) -> str:
 
 def _join_cluster(cfg: TinyQAConfig, blocking: bool) -> None:
     """Make sure a cluster that outlives this process is joined (unless ``blocking``)."""
-    from tinyqa.cluster import connect, connect_persistent
-
     if blocking:
         connect(cfg)
         return
@@ -58,9 +62,6 @@ def _cluster_lives_in_this_process() -> bool:
 
 
 def _start_serve(cfg: TinyQAConfig) -> None:
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     # Serve keeps the HTTP options it was first started with on this cluster.
     http = _get_global_client().http_config
@@ -74,8 +75,6 @@ def _start_serve(cfg: TinyQAConfig) -> None:
 
 def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> dict:
     """Poll ``GET {url}/healthz`` until it answers 200; its JSON. Raises :class:`ServeError`."""
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
@@ -91,28 +90,27 @@ def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> dict:
 
 
 def deploy(cfg: TinyQAConfig, blocking: bool = False) -> str:
-    """Deploy (or update) the endpoint; returns its URL once ``/healthz`` answers.
+    """Deploy (or update) the endpoint for ``cfg``; returns its URL once ``/healthz`` answers.
 
-    ``blocking=True`` stays in the foreground until Ctrl-C, then removes the app and re-raises
-    the ``KeyboardInterrupt``. Raises :class:`ServeError` / other :class:`TinyQAError`s for
-    problems the user can fix.
+    The config object goes to :func:`serving.app.application` as it is; it becomes a dict once,
+    where it crosses into the replicas. ``blocking=True`` stays in the foreground until Ctrl-C,
+    then removes the app and re-raises the ``KeyboardInterrupt``. Raises :class:`ServeError` /
+    other :class:`TinyQAError`s for problems the user can fix.
     """
-    from ray import serve
-
-    from serving.app import AppArgs, build_app, resolved
+    # Here, not at the top: the app imports the model side (torch), which `shutdown` never needs.
+    from serving.app import application, resolved
 
     cfg = resolved(cfg)
     s = cfg.serve
     _join_cluster(cfg, blocking)
     _start_serve(cfg)
-    app = build_app(AppArgs(settings=cfg.to_dict()))
+    app = application(cfg)
     started = time.perf_counter()
     try:
         serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
     except RuntimeError as e:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         raise ServeError(
-            f"deploying app {s.app_name!r} failed: {lines[-1] if lines else e!r}; "
+            f"deploying app {s.app_name!r} failed: {last_line(e)}; "
             "see the replica logs (`serve status`, /tmp/ray/session_latest/logs/serve)"
         ) from e
     url = endpoint_url(cfg)
@@ -140,9 +138,6 @@ def deploy(cfg: TinyQAConfig, blocking: bool = False) -> str:
 def shutdown(cfg: TinyQAConfig) -> None:
     """Remove the app from the cluster (the cluster and Serve keep running). No cluster or no
     such app: nothing to do."""
-    import ray
-    from ray import serve
-
     name = cfg.serve.app_name
     if not ray.is_initialized():
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "auto"

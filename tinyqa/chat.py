@@ -17,24 +17,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from tinyqa.adapters import check_adapter_id, default_adapter_dir, locate_adapter
 from tinyqa.config import NAME_PATTERN, TinyQAConfig
-from tinyqa.errors import TinyQAError
+from tinyqa.errors import ModelError, TinyQAError
+from tinyqa.secrets import API_KEY_ENV, resolve_api_key
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "TINYQA_API_KEY"
 # Characters per token when estimating an endpoint prompt's size without its tokenizer; on the low
 # side for English BPE (about 4), so the estimate errs towards dropping a turn early.
 CHARS_PER_TOKEN = 3
 CONNECT_TIMEOUT_S = 10.0
-_ADAPTER_ID_RE = re.compile(NAME_PATTERN)
 ANSWER_PREFIX = "assistant> "
 HELP = "commands: /reset clears the history, /exit quits (also Ctrl-D or Ctrl-C), /help"
 
@@ -55,9 +53,9 @@ class _Local:
 
     def __init__(self, cfg: TinyQAConfig, adapter: str | None):
         # Imported here so that `chat --endpoint` starts without loading torch.
-        from tinyqa.evaluation import build_engine, default_adapter, resolve_adapter
+        from tinyqa.inference import build_engine
 
-        path = resolve_adapter(cfg, adapter) if adapter else default_adapter(cfg)
+        path = locate_adapter(cfg, adapter) if adapter else default_adapter_dir(cfg)
         if path is None:
             logger.warning(
                 "no adapter given and none trained under %s: answering with the base model %s",
@@ -115,14 +113,17 @@ class _Endpoint:
             raise EndpointError(
                 f"endpoint {url!r} is not an http(s) URL; give e.g. --endpoint http://127.0.0.1:8000"
             )
-        if adapter is not None and not _ADAPTER_ID_RE.match(adapter):
-            raise EndpointError(
-                f"adapter {adapter!r} is not an adapter id ({NAME_PATTERN}); with --endpoint, "
-                "--adapter names an adapter the server serves, not a folder"
-            )
+        if adapter is not None:
+            try:
+                check_adapter_id(adapter)
+            except ModelError as e:
+                raise EndpointError(
+                    f"adapter {adapter!r} is not an adapter id ({NAME_PATTERN}); with --endpoint, "
+                    "--adapter names an adapter the server serves, not a folder"
+                ) from e
         self.url = str(parsed).rstrip("/")
         self.adapter = adapter
-        key = api_key or os.environ.get(API_KEY_ENV) or cfg.serve.api_key or None
+        key = resolve_api_key(cfg.serve.api_key, flag=api_key)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         timeout = httpx.Timeout(cfg.eval.request_timeout_s, connect=CONNECT_TIMEOUT_S)
         self.client = httpx.Client(headers=headers, timeout=timeout)

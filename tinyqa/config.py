@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tinyqa.errors import ConfigError
+from tinyqa.errors import ConfigError, first_line
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -309,8 +309,13 @@ class TinyQAConfig(_Section):
         return self.train.adapter_id or self.experiment
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-safe dict (for Ray boundaries and manifests)."""
-        return self.model_dump(mode="json")
+        """Plain, JSON-safe dict (for Ray boundaries and manifests), without secrets.
+
+        ``serve.api_key`` is left out: this dict is written into every adapter's manifest and
+        bound into Serve deployments. The endpoint gets its key from
+        :func:`tinyqa.secrets.resolve_api_key` on the driver, as its own argument.
+        """
+        return self.model_dump(mode="json", exclude={"serve": {"api_key"}})
 
 
 def _check_name(value: str, what: str) -> str:
@@ -420,7 +425,7 @@ def load_config(
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from e
+            raise ConfigError(f"{p}: not valid YAML ({first_line(e)})") from e
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -33,3 +33,29 @@ class ModelError(TinyQAError):
 
 class StorageError(TinyQAError):
     """The storage path cannot be used (not writable, not a filesystem path, ...)."""
+
+
+class UnknownAdapter(ModelError):
+    """The adapter id is valid but no such adapter exists under the adapter root."""
+
+
+class AdapterMismatch(ModelError):
+    """The adapter exists but was trained on a different base model than the one served."""
+
+
+class PromptTooLong(TinyQAError):
+    """The prompt exceeds the configured token limit."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): the summary line of a
+    long upstream error, for a one-line message of our own."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def last_line(e: BaseException) -> str:
+    """The last non-empty line of an exception's message (its type name when empty): where a
+    wrapped remote error (Ray, a subprocess) puts the actual cause."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(e).__name__

@@ -27,11 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from tinyqa.config import NAME_PATTERN, ModelSettings, TinyQAConfig
+from tinyqa.adapters import (
+    base_settings_from_manifest,
+    default_adapter_dir,
+    locate_adapter,
+    read_manifest,
+)
+from tinyqa.config import TinyQAConfig
 from tinyqa.data import QARecord, build_messages, load_records, prepare_dataset, read_prepared
 from tinyqa.errors import DatasetError, ModelError, StorageError, TinyQAError
-from tinyqa.inference import GenerationRequest, QAEngine, UnknownAdapter, list_adapters, read_best
-from tinyqa.model import MANIFEST, base_settings_from_manifest, read_manifest
+from tinyqa.inference import BASE_LABEL, EngineModel, GenerationRequest, QAEngine, build_engine
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +48,9 @@ METRIC_LABELS = {
     "rougeL": "ROUGE-L F1",
     "bleu": "BLEU",
 }
-BASE_LABEL = "base"
 EVAL_DIR = "eval"
 CONFIDENCE = 0.95
 _ARTICLES = frozenset({"a", "an", "the"})
-_NAME_RE = re.compile(NAME_PATTERN)
 _WORD_RE = re.compile(r"[^\W_]+")  # letters and digits of any script
 
 
@@ -263,36 +266,6 @@ def _bootstrap(
 # ----------------------------------------------------------------------------------------------
 # which adapters, which questions
 # ----------------------------------------------------------------------------------------------
-def resolve_adapter(cfg: TinyQAConfig, ref: str) -> Path:
-    """An adapter id under ``cfg.adapters_dir``, or an adapter folder path; raises ModelError."""
-    if _NAME_RE.match(ref) and (cfg.adapters_dir / ref / MANIFEST).is_file():
-        return cfg.adapters_dir / ref
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        read_manifest(path)  # names the missing files when it is not an adapter folder
-        return path.resolve()
-    available = ", ".join(list_adapters(cfg.adapters_dir)) or "none"
-    raise UnknownAdapter(
-        f"unknown adapter {ref!r}: no adapter with that id under {cfg.adapters_dir} (available: "
-        f"{available}) and no such folder; pass a trained adapter id or an adapter folder"
-    )
-
-
-def default_adapter(cfg: TinyQAConfig) -> Path | None:
-    """The adapter ``best.json`` names, else the trained ``cfg.adapter_id`` if it exists, else None."""
-    best = read_best(cfg.run_dir)
-    if best and best.get("adapter_id"):
-        path = cfg.adapters_dir / str(best["adapter_id"])
-        if not (path / MANIFEST).is_file():
-            raise ModelError(
-                f"{cfg.run_dir / 'best.json'} names adapter {best['adapter_id']!r}, but {path} "
-                "holds no adapter; rerun `tinyqa tune`, or pick one with eval.adapters=[ID]"
-            )
-        return path
-    path = cfg.adapters_dir / cfg.adapter_id
-    return path if (path / MANIFEST).is_file() else None
-
-
 def load_eval_records(cfg: TinyQAConfig) -> tuple[list[QARecord], str]:
     """The questions to answer (capped by ``eval.max_questions``) and a description of where from."""
     if cfg.eval.path:
@@ -318,68 +291,6 @@ def load_eval_records(cfg: TinyQAConfig) -> tuple[list[QARecord], str]:
     if cfg.eval.max_questions:
         records = records[: cfg.eval.max_questions]
     return records, source
-
-
-@dataclass
-class EngineModel:
-    """One model an engine can answer with: the base (``engine_name`` None) or an adapter."""
-
-    label: str  # shown in tables and files
-    engine_name: str | None  # adapter name inside the engine; None = base
-    path: Path | None
-    system_prompt: str | None
-
-
-def _unique(label: str, taken: set[str]) -> str:
-    out, i = label, 2
-    while out in taken:
-        out, i = f"{label}#{i}", i + 1
-    taken.add(out)
-    return out
-
-
-def _shared_base(adapters: list[tuple[Path, dict]]) -> ModelSettings:
-    bases = {(m.get("base_model"), m["config"]["model"].get("revision")) for _, m in adapters}
-    if len(bases) > 1:
-        listing = "; ".join(f"{p} -> {m.get('base_model')!r}" for p, m in adapters)
-        raise ModelError(
-            f"the adapters were trained on different base models ({listing}); "
-            "evaluate each base's adapters in a separate run"
-        )
-    return base_settings_from_manifest(adapters[0][1])
-
-
-def build_engine(
-    adapter_dirs: list[Path], fallback: ModelSettings, system_prompt: str | None
-) -> tuple[QAEngine, list[EngineModel]]:
-    """One engine on the adapters' shared base (``fallback`` when there are none), and its models:
-    the base first, then one per adapter folder.
-
-    Adapters get internal engine names (``adapter_0``...): an id may contain '.', which PEFT
-    rejects as a module name. The base answers with the first adapter's system prompt (else
-    ``system_prompt``), so base and adapter see the same prompt. Raises ModelError when the
-    adapters were trained on different bases.
-    """
-    adapters = [(p, read_manifest(p)) for p in adapter_dirs]
-    settings = _shared_base(adapters) if adapters else fallback
-    taken: set[str] = {BASE_LABEL}
-    models: list[EngineModel] = []
-    extra: dict[str, Path] = {}
-    for i, (path, manifest) in enumerate(adapters):
-        label = _unique(str(manifest.get("adapter_id") or path.name), taken)
-        name = f"adapter_{i}"
-        extra[name] = path
-        prompt = manifest["config"]["data"].get("system_prompt")
-        models.append(EngineModel(label, name, path, prompt))
-    engine = QAEngine(
-        settings,
-        adapter_root=None,
-        max_adapters=max(1, len(extra)),
-        system_prompt=None,  # every request carries its model's own system prompt
-        extra_adapters=extra,
-    )
-    base_prompt = models[0].system_prompt if models else system_prompt
-    return engine, [EngineModel(BASE_LABEL, None, None, base_prompt), *models]
 
 
 def _answer_all(
@@ -464,8 +375,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _eval_models(cfg: TinyQAConfig) -> list[Path]:
     if cfg.eval.adapters:
-        return [resolve_adapter(cfg, ref) for ref in cfg.eval.adapters]
-    found = default_adapter(cfg)
+        return [locate_adapter(cfg, ref) for ref in cfg.eval.adapters]
+    found = default_adapter_dir(cfg)
     return [found] if found else []
 
 

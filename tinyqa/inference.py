@@ -7,14 +7,13 @@ adapter switching + ``generate`` on the shared PeftModel: concurrent sub-batches
 adapters otherwise race on the active adapter. A second lock serializes tokenization: a fast
 tokenizer shared between threads can fail with "Already borrowed".
 
-:func:`serving_plan` decides what an endpoint serves (base model, adapter root, default adapter);
-the Serve app and the CLI share it.
+:func:`build_engine` builds one engine for a list of adapter folders (``eval``, ``ask``, ``chat``).
+Which adapter an endpoint serves is decided without torch, in :mod:`tinyqa.adapters`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import threading
@@ -26,35 +25,20 @@ from pathlib import Path
 
 import torch
 
-from tinyqa.config import ModelSettings, TinyQAConfig
-from tinyqa.errors import ModelError, TinyQAError
+from tinyqa.adapters import base_settings_from_manifest, read_manifest, resolve_adapter
+from tinyqa.config import ModelSettings
+from tinyqa.errors import AdapterMismatch, ModelError, PromptTooLong, TinyQAError
 from tinyqa.model import (
-    MANIFEST,
-    base_settings_from_manifest,
-    check_adapter_id,
     delete_adapter,
     is_peft_model,
     load_adapter,
     load_base_model,
     load_tokenizer,
-    read_manifest,
 )
 
 logger = logging.getLogger(__name__)
 
-BEST_FILE = "best.json"
-
-
-class UnknownAdapter(ModelError):
-    """The adapter id is valid but no such adapter exists under the adapter root."""
-
-
-class PromptTooLong(TinyQAError):
-    """The prompt exceeds the configured token limit."""
-
-
-class AdapterMismatch(ModelError):
-    """The adapter exists but was trained on a different base model than the one served."""
+BASE_LABEL = "base"
 
 
 @dataclass
@@ -75,123 +59,6 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: str = "stop"  # "stop" (eos) or "length"
     extra: dict = field(default_factory=dict)
-
-
-def read_best(run_dir: Path) -> dict | None:
-    """The sweep's ``best.json`` under a run folder, or None."""
-    path = Path(run_dir) / BEST_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path}: not valid JSON ({e}); rerun `tinyqa tune`") from e
-
-
-def list_adapters(adapter_root: Path | None) -> list[str]:
-    """Adapter ids (folder names with a manifest) under the root, sorted."""
-    if adapter_root is None or not Path(adapter_root).is_dir():
-        return []
-    return sorted(
-        p.name for p in Path(adapter_root).iterdir() if p.is_dir() and (p / MANIFEST).is_file()
-    )
-
-
-def resolve_adapter(adapter_root: Path | None, adapter_id: str, base_id: str | None = None) -> Path:
-    """The folder of adapter ``adapter_id`` under the root, checked before any filesystem access.
-
-    The id is validated against the adapter-id pattern first, so ``../x``, ``/etc`` or ``a/b``
-    never reach the filesystem. Raises :class:`ModelError` (invalid id), :class:`UnknownAdapter`
-    (no such adapter) or :class:`AdapterMismatch` (trained on another base than ``base_id``).
-    """
-    check_adapter_id(adapter_id)
-    path = Path(adapter_root) / adapter_id if adapter_root else None
-    if path is None or not (path / MANIFEST).is_file():
-        available = ", ".join(list_adapters(adapter_root)) or "none"
-        raise UnknownAdapter(f"unknown adapter {adapter_id!r}; available: {available}")
-    if base_id is not None:
-        trained_on = read_manifest(path).get("base_model")
-        if trained_on != base_id:
-            raise AdapterMismatch(
-                f"adapter {adapter_id!r} was trained on {trained_on!r}, but this endpoint serves "
-                f"{base_id!r}; serve it from its own base model"
-            )
-    return path
-
-
-@dataclass
-class ServingPlan:
-    """What an endpoint serves: one base model, the adapters under a root, a default adapter."""
-
-    base: ModelSettings
-    adapter_root: Path
-    default_adapter: str | None  # None = the base model answers by default
-    system_prompt: str | None
-    reason: str  # how the default was chosen, for the log
-
-    @property
-    def base_id(self) -> str:
-        return self.base.name
-
-    def to_dict(self) -> dict:
-        return {
-            "base": self.base.model_dump(mode="json"),
-            "adapter_root": str(self.adapter_root),
-            "default_adapter": self.default_adapter,
-            "system_prompt": self.system_prompt,
-            "reason": self.reason,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ServingPlan:
-        return cls(
-            base=ModelSettings.model_validate(data["base"]),
-            adapter_root=Path(data["adapter_root"]),
-            default_adapter=data["default_adapter"],
-            system_prompt=data["system_prompt"],
-            reason=data["reason"],
-        )
-
-
-def serving_plan(cfg: TinyQAConfig) -> ServingPlan:
-    """Pick the base model and the default adapter for an endpoint.
-
-    The default adapter is ``serve.default_adapter`` if set, else the one ``best.json`` names,
-    else the adapter named ``cfg.adapter_id`` if it exists. The base model comes from that
-    adapter's manifest; with no adapter at all, ``cfg.model`` is served alone. Raises
-    :class:`ModelError` when a named adapter is missing.
-    """
-    root = cfg.adapters_dir
-    if cfg.serve.adapter_root:
-        root = Path(cfg.serve.adapter_root).expanduser().resolve()
-    chosen: str | None = None
-    if cfg.serve.default_adapter:
-        chosen, reason = cfg.serve.default_adapter, "serve.default_adapter"
-    elif (best := read_best(cfg.run_dir)) is not None:
-        chosen, reason = best.get("adapter_id"), f"{cfg.run_dir / BEST_FILE}"
-        if not chosen:
-            raise ModelError(f"{cfg.run_dir / BEST_FILE} names no adapter_id; rerun `tinyqa tune`")
-    elif (root / cfg.adapter_id / MANIFEST).is_file():
-        chosen, reason = cfg.adapter_id, "the experiment's trained adapter"
-    if chosen is None:
-        return ServingPlan(
-            cfg.model,
-            root,
-            None,
-            cfg.data.system_prompt,
-            f"no adapter under {root} (no best.json, no {cfg.adapter_id!r}): serving the base model",
-        )
-    try:
-        path = resolve_adapter(root, chosen)
-    except ModelError as e:
-        raise ModelError(
-            f"default adapter {chosen!r} (from {reason}) cannot be served: {e}; train it "
-            "(`tinyqa train` / `tinyqa tune`) or set serve.default_adapter to an existing one"
-        ) from e
-    manifest = read_manifest(path)
-    base = base_settings_from_manifest(manifest)
-    prompt = manifest["config"]["data"].get("system_prompt")
-    return ServingPlan(base, root, chosen, prompt, f"default adapter {chosen!r} from {reason}")
 
 
 class QAEngine:
@@ -245,9 +112,6 @@ class QAEngine:
     @property
     def base_id(self) -> str:
         return self.model_settings.name
-
-    def available_adapters(self) -> list[str]:
-        return sorted(set(list_adapters(self.adapter_root)) | set(self._extra))
 
     def adapter_path(self, adapter_id: str) -> Path:
         """Resolve an adapter id under the root; raises ModelError / UnknownAdapter."""
@@ -503,3 +367,68 @@ class QAEngine:
         """One question, one answer (greedy)."""
         req = GenerationRequest([{"role": "user", "content": question}], adapter, max_new_tokens)
         return self.generate([req])[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# one engine for a list of adapter folders (eval, ask, chat)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class EngineModel:
+    """One model an engine can answer with: the base (``engine_name`` None) or an adapter."""
+
+    label: str  # shown in tables and files
+    engine_name: str | None  # adapter name inside the engine; None = base
+    path: Path | None
+    system_prompt: str | None
+
+
+def _unique(label: str, taken: set[str]) -> str:
+    out, i = label, 2
+    while out in taken:
+        out, i = f"{label}#{i}", i + 1
+    taken.add(out)
+    return out
+
+
+def _shared_base(adapters: list[tuple[Path, dict]]) -> ModelSettings:
+    bases = {(m.get("base_model"), m["config"]["model"].get("revision")) for _, m in adapters}
+    if len(bases) > 1:
+        listing = "; ".join(f"{p} -> {m.get('base_model')!r}" for p, m in adapters)
+        raise ModelError(
+            f"the adapters were trained on different base models ({listing}); "
+            "evaluate each base's adapters in a separate run"
+        )
+    return base_settings_from_manifest(adapters[0][1])
+
+
+def build_engine(
+    adapter_dirs: list[Path], fallback: ModelSettings, system_prompt: str | None
+) -> tuple[QAEngine, list[EngineModel]]:
+    """One engine on the adapters' shared base (``fallback`` when there are none), and its models:
+    the base first, then one per adapter folder.
+
+    Adapters get internal engine names (``adapter_0``...): an id may contain '.', which PEFT
+    rejects as a module name. The base answers with the first adapter's system prompt (else
+    ``system_prompt``), so base and adapter see the same prompt. Raises ModelError when the
+    adapters were trained on different bases.
+    """
+    adapters = [(p, read_manifest(p)) for p in adapter_dirs]
+    settings = _shared_base(adapters) if adapters else fallback
+    taken: set[str] = {BASE_LABEL}
+    models: list[EngineModel] = []
+    extra: dict[str, Path] = {}
+    for i, (path, manifest) in enumerate(adapters):
+        label = _unique(str(manifest.get("adapter_id") or path.name), taken)
+        name = f"adapter_{i}"
+        extra[name] = path
+        prompt = manifest["config"]["data"].get("system_prompt")
+        models.append(EngineModel(label, name, path, prompt))
+    engine = QAEngine(
+        settings,
+        adapter_root=None,
+        max_adapters=max(1, len(extra)),
+        system_prompt=None,  # every request carries its model's own system prompt
+        extra_adapters=extra,
+    )
+    base_prompt = models[0].system_prompt if models else system_prompt
+    return engine, [EngineModel(BASE_LABEL, None, None, base_prompt), *models]

@@ -1,26 +1,24 @@
 """Loading base models and tokenizers, and everything that touches peft.
 
-This is the only module that imports peft: applying LoRA, saving / loading / merging adapters.
+This is the only module that imports peft: applying LoRA, saving / loading adapters. What an adapter
+folder holds and how ids are checked is :mod:`tinyqa.adapters` (no torch there).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tinyqa.config import NAME_PATTERN, LoraSettings, ModelSettings
-from tinyqa.errors import ModelError
+from tinyqa.adapters import MANIFEST, read_manifest
+from tinyqa.config import LoraSettings, ModelSettings
+from tinyqa.errors import ModelError, first_line
 from tinyqa.presets import PRESETS, ZEPHYR_TEMPLATE, preset_dir
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "tinyqa.json"
-_ADAPTER_ID_RE = re.compile(NAME_PATTERN)
 
 
 def resolve_model_path(name: str) -> str:
@@ -71,7 +69,7 @@ def load_tokenizer(settings: ModelSettings):
             path, revision=settings.revision, trust_remote_code=False
         )
     except OSError as e:
-        raise ModelError(f"cannot load the tokenizer of {settings.name!r}: {_first_line(e)}") from e
+        raise ModelError(f"cannot load the tokenizer of {settings.name!r}: {first_line(e)}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
@@ -117,16 +115,11 @@ def load_base_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
-        raise ModelError(f"cannot load model {settings.name!r}: {_first_line(e)}") from e
+        raise ModelError(f"cannot load model {settings.name!r}: {first_line(e)}") from e
     if "quantization_config" not in kwargs:
         model.to(dev)
     model.config.use_cache = False
     return model
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def is_quantized(model) -> bool:
@@ -184,7 +177,7 @@ def apply_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
     try:
         return get_peft_model(model, config)
     except ValueError as e:
-        raise ModelError(f"cannot apply LoRA: {_first_line(e)}; check lora.target_modules") from e
+        raise ModelError(f"cannot apply LoRA: {first_line(e)}; check lora.target_modules") from e
 
 
 def save_adapter(model, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> Path:
@@ -207,37 +200,6 @@ def save_adapter(model, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> P
     return out_dir
 
 
-def read_manifest(adapter_dir: Path) -> dict[str, Any]:
-    """Validate an adapter folder and return its manifest; raises :class:`ModelError`."""
-    adapter_dir = Path(adapter_dir)
-    missing = [
-        f
-        for f in ("adapter_config.json", "adapter_model.safetensors", MANIFEST)
-        if not (adapter_dir / f).is_file()
-    ]
-    if missing:
-        raise ModelError(
-            f"{adapter_dir} is not a tinyqa adapter folder (missing {', '.join(missing)}); "
-            "point to <storage>/<experiment>/adapters/<adapter_id>"
-        )
-    try:
-        return json.loads((adapter_dir / MANIFEST).read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{adapter_dir / MANIFEST}: not valid JSON ({e})") from e
-
-
-def base_settings_from_manifest(manifest: dict[str, Any]) -> ModelSettings:
-    return ModelSettings.model_validate(manifest["config"]["model"])
-
-
-def check_adapter_id(adapter_id: str) -> str:
-    if not _ADAPTER_ID_RE.match(adapter_id or ""):
-        raise ModelError(
-            f"adapter id {adapter_id!r} is invalid: it must match {NAME_PATTERN} (a name, not a path)"
-        )
-    return adapter_id
-
-
 def load_adapter(
     base_model, adapter_dir: Path, adapter_name: str = "default", trainable: bool = False
 ):
@@ -255,11 +217,6 @@ def load_adapter(
 
 def delete_adapter(peft_model, adapter_name: str) -> None:
     peft_model.delete_adapter(adapter_name)
-
-
-def merge_adapter(peft_model):
-    """Fold the active adapter into the base weights (not for quantized bases)."""
-    return peft_model.merge_and_unload()
 
 
 def is_peft_model(model) -> bool:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from tinyqa.config import TinyQAConfig
-from tinyqa.errors import ConfigError, TinyQAError
+from tinyqa.errors import ConfigError, TinyQAError, first_line
+from tinyqa.secrets import resolve_api_key
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def run_pipeline(
         except Exception as e:
             logger.exception("stage %s crashed", stage)
             raise StageFailed(
-                f"stage '{stage}' crashed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                f"stage '{stage}' crashed ({type(e).__name__}: {first_line(e)}); "
                 f"see the log above, then rerun the same command to resume (state in {state_path})"
             ) from e
         entry = {
@@ -245,7 +246,7 @@ def _query(cfg: TinyQAConfig, report: PipelineReport) -> dict[str, Any]:
         raise TinyQAError("no endpoint to query; run the serve stage first (--stages serve,query)")
     questions = read_prepared(cfg.data_dir).questions("eval")[:QUERY_QUESTIONS]
     headers = {}
-    key = cfg.serve.api_key or os.environ.get("TINYQA_API_KEY")
+    key = resolve_api_key(cfg.serve.api_key)
     if key:
         headers["Authorization"] = f"Bearer {key}"
     answers = []

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyqa.config import TinyQAConfig, build_config
-from tinyqa.errors import StorageError, TinyQAError
+from tinyqa.errors import StorageError, TinyQAError, last_line
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +331,7 @@ def run_training(cfg: TinyQAConfig) -> TrainResult:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors in TrainingFailedError
         raise TrainingFailed(
-            f"training {cfg.adapter_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}; "
+            f"training {cfg.adapter_id} failed: {last_line(e)}; "
             f"rerun the same command to resume from the last checkpoint in {cfg.ray_storage / name}"
         ) from e
     adapter_dir = cfg.adapters_dir / cfg.adapter_id

@@ -71,12 +71,8 @@ def test_grid_sweep_with_asha_promotes_best_adapter(cluster, make_config):
     import ray
 
     from tinyqa import tuning
-    from tinyqa.model import (
-        base_settings_from_manifest,
-        load_adapter,
-        load_base_model,
-        read_manifest,
-    )
+    from tinyqa.adapters import base_settings_from_manifest, read_manifest
+    from tinyqa.model import load_adapter, load_base_model
 
     cfg = make_config(
         *TINY,

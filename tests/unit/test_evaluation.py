@@ -8,19 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from tinyqa.adapters import locate_adapter
 from tinyqa.config import load_config
 from tinyqa.data import bundled_dataset_path, load_records
-from tinyqa.errors import DatasetError, ModelError, TinyQAError
+from tinyqa.errors import DatasetError, ModelError, TinyQAError, UnknownAdapter
 from tinyqa.evaluation import (
     METRICS,
     EvalResult,
     ModelReport,
     evaluate_adapter_dir,
     format_eval_table,
-    resolve_adapter,
     run_eval,
 )
-from tinyqa.inference import UnknownAdapter
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "tiny-cpu.yaml"
@@ -133,11 +132,11 @@ def test_unknown_adapter_id_or_path(trained, tmp_path):
     with pytest.raises(UnknownAdapter, match="unknown adapter 'nope'.*available: tiny-demo"):
         run_eval(cfg)
     with pytest.raises(UnknownAdapter, match="no such folder"):
-        resolve_adapter(cfg, str(tmp_path / "missing"))
+        locate_adapter(cfg, str(tmp_path / "missing"))
     with pytest.raises(ModelError, match="not a tinyqa adapter folder"):
-        resolve_adapter(cfg, str(tmp_path))
-    assert resolve_adapter(cfg, "tiny-demo") == cfg.adapters_dir / "tiny-demo"
-    assert resolve_adapter(cfg, str(trained["adapter"])) == trained["adapter"].resolve()
+        locate_adapter(cfg, str(tmp_path))
+    assert locate_adapter(cfg, "tiny-demo") == cfg.adapters_dir / "tiny-demo"
+    assert locate_adapter(cfg, str(trained["adapter"])) == trained["adapter"].resolve()
 
 
 def test_best_json_naming_a_missing_adapter(trained, tmp_path):

@@ -10,16 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tinyqa.adapters import serving_plan
 from tinyqa.config import load_config
-from tinyqa.errors import ModelError
-from tinyqa.inference import (
-    GenerationRequest,
-    GenerationResult,
-    PromptTooLong,
-    QAEngine,
-    UnknownAdapter,
-    serving_plan,
-)
+from tinyqa.errors import ModelError, PromptTooLong, UnknownAdapter
+from tinyqa.inference import GenerationRequest, GenerationResult, QAEngine
 
 REPO = Path(__file__).resolve().parents[2]
 QUESTIONS = ["How do I read a file?", "What does os.path.join do?", "What is json.loads for?"]

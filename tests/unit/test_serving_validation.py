@@ -24,8 +24,7 @@ from serving.api import (
     sse,
 )
 from tinyqa.config import ServeSettings
-from tinyqa.errors import ConfigError
-from tinyqa.inference import PromptTooLong, UnknownAdapter
+from tinyqa.errors import ConfigError, PromptTooLong, UnknownAdapter
 
 REPO = Path(__file__).resolve().parents[2]
 JSON = "application/json"

@@ -247,7 +247,7 @@ def measure_serving(spec: dict[str, Any]) -> dict[str, Any]:
             "the serve bench deploys the `serving` package, which is not importable here; run "
             "it from a tinyqa checkout, or measure a running endpoint (endpoint=URL)"
         ) from e
-    from serving.app import api_key_for
+    from tinyqa.secrets import resolve_api_key
 
     cfg = build_config(spec["config"], "bench serve config")
     set_ray_worker_niceness(spec.get("worker_niceness"))  # replicas vs the baseline at 0
@@ -270,7 +270,7 @@ def measure_serving(spec: dict[str, Any]) -> dict[str, Any]:
                 sets,
                 tuple(spec["concurrency"]),
                 int(spec["max_new_tokens"]),
-                api_key_for(cfg),
+                resolve_api_key(cfg.serve.api_key),
             )
         )
     finally:
@@ -391,9 +391,10 @@ def _bench_endpoint(
     notes: list[str],
 ):
     """Load a running endpoint; the baseline uses the same adapter from the local adapter root."""
-    from tinyqa.inference import list_adapters
+    from tinyqa.adapters import list_adapters
+    from tinyqa.secrets import resolve_api_key
 
-    api_key = cfg.serve.api_key or os.environ.get("TINYQA_API_KEY") or None
+    api_key = resolve_api_key(cfg.serve.api_key)
     adapters = list_endpoint_adapters(url, api_key)
     if not adapters:
         notes.append("the endpoint lists no adapters: every mode asks the base model")

@@ -1,0 +1,162 @@
+"""The model side of the QA endpoint: the ``QAModel`` Serve deployment (the torch side).
+
+One base model per replica, autoscaled. Adapters are Serve multiplexed models (the adapter id is
+the multiplexed model id, so requests prefer replicas that have it loaded); ``@serve.batch``
+batches requests, which Serve splits by adapter; generation runs in a thread so the replica keeps
+accepting requests. The engine (:class:`~tinyqa.inference.QAEngine`) locks around ``generate``.
+"""
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from ray import serve
+
+from serving.api import ApiError
+from tinyqa.adapters import ServingPlan
+from tinyqa.config import build_config
+from tinyqa.errors import TinyQAError
+from tinyqa.inference import GenerationRequest, QAEngine
+
+# Serve writes the "ray.serve" logger to the replica log files; a child logger goes there too.
+logger = logging.getLogger("ray.serve").getChild("tinyqa")
+
+
+def _setup_replica_logging() -> None:
+    # Replicas are entry points: make the library's INFO logs (adapter loads) visible there.
+    lib = logging.getLogger("tinyqa")
+    if not lib.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        lib.addHandler(handler)
+        lib.setLevel(logging.INFO)
+
+
+def _device_and_quantization(requested: str) -> tuple[str, str]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "auto":
+        return device, "nf4" if device == "cuda" else "none"
+    return device, requested
+
+
+_END = object()
+
+
+@serve.deployment(name="QAModel")
+class QAModel:
+    """One base model with LoRA adapters; methods return ``{"result"}`` or ``{"error"}`` dicts."""
+
+    def __init__(self, config: dict[str, Any], plan: dict[str, Any]):
+        _setup_replica_logging()
+        started = time.perf_counter()
+        # Plain dicts cross the Ray boundary; validated again here, on the replica's side.
+        self.cfg = build_config(config, "QAModel config")
+        self.plan = ServingPlan.from_dict(plan)
+        s = self.cfg.serve
+        self.device, self.quantization = _device_and_quantization(s.quantization)
+        self.engine = QAEngine(
+            self.plan.base,
+            self.plan.adapter_root,
+            quantization=self.quantization,
+            device=self.device,
+            max_adapters=s.max_adapters_per_replica,
+            system_prompt=self.plan.system_prompt,
+        )
+
+        async def load_adapter(adapter_id: str) -> str:
+            await asyncio.to_thread(self.engine.load, adapter_id)
+            return adapter_id
+
+        # Wrapped here because the cap comes from the config (Serve supports init-time wiring).
+        self._load_adapter = serve.multiplexed(
+            max_num_models_per_replica=s.max_adapters_per_replica
+        )(load_adapter)
+        self._generate_batch.set_max_batch_size(s.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        if self.plan.default_adapter:
+            self.engine.load(self.plan.default_adapter)
+        self.engine.health_check(probe_after_s=0)  # fail the replica now if it cannot generate
+        logger.info(
+            "QAModel ready in %.1f s: %s on %s (quantization %s), default adapter %s",
+            time.perf_counter() - started,
+            self.plan.base_id,
+            self.device,
+            self.quantization,
+            self.plan.default_adapter,
+        )
+
+    def _request(self, payload: dict[str, Any]) -> GenerationRequest:
+        # The adapter travels as the multiplexed model id ("" = the base model).
+        return GenerationRequest(
+            messages=payload["messages"],
+            adapter=serve.get_multiplexed_model_id() or None,
+            max_new_tokens=payload["max_new_tokens"],
+            temperature=payload["temperature"],
+            top_p=payload["top_p"],
+            seed=payload["seed"],
+        )
+
+    async def _prepare(self, req: GenerationRequest) -> int:
+        """Load the adapter and count prompt tokens; raises TinyQAError for a bad request."""
+        if req.adapter is not None:
+            await self._load_adapter(req.adapter)
+        s = self.cfg.serve
+        return await asyncio.to_thread(
+            self.engine.check_prompt, req.messages, s.max_prompt_tokens, req.max_new_tokens
+        )
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, requests: list) -> list:
+        return await asyncio.to_thread(self.engine.generate, requests)
+
+    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """One answer (batched with concurrent requests for the same adapter)."""
+        req = self._request(payload)
+        try:
+            await self._prepare(req)
+        except TinyQAError as e:
+            return {"error": ApiError.from_model_error(e).to_dict()}
+        result = await self._generate_batch(req)
+        return {"result": asdict(result)}
+
+    async def stream(self, payload: dict[str, Any]):
+        """Yield ``{"error"}`` or ``{"start"}``, then ``{"text"}`` pieces, then ``{"result"}``."""
+        req = self._request(payload)
+        try:
+            prompt_tokens = await self._prepare(req)
+        except TinyQAError as e:
+            yield {"error": ApiError.from_model_error(e).to_dict()}
+            return
+        yield {"start": {"prompt_tokens": prompt_tokens}}
+        cancel = threading.Event()
+        events = self.engine.stream_events(req, cancel=cancel)
+        started = False  # the non-streamed answer is stripped: drop leading whitespace here too
+        try:
+            while (event := await asyncio.to_thread(next, events, _END)) is not _END:
+                if isinstance(event, str):
+                    text = event if started else event.lstrip()
+                    if text:
+                        started = True
+                        yield {"text": text}
+                else:
+                    yield {"result": asdict(event)}
+        finally:
+            cancel.set()  # the client went away: stop generating at the next token
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "base_model": self.plan.base_id,
+            "default_adapter": self.plan.default_adapter,
+            "loaded_adapters": self.engine.loaded_adapters(),
+            "device": self.device,
+            "quantization": self.quantization,
+        }
+
+    async def check_health(self) -> None:
+        """Serve restarts the replica when this raises (the model cannot generate)."""
+        await asyncio.to_thread(self.engine.health_check)
