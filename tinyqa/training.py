@@ -317,9 +317,9 @@ def run_training(cfg: TinyQAConfig) -> TrainResult:
     Raises :class:`~tinyqa.errors.TinyQAError` subclasses for user mistakes (bad data, storage) and
     :class:`TrainingFailed` when Ray Train gives up.
     """
+    from tinyqa.adapters import read_manifest
     from tinyqa.cluster import connect
     from tinyqa.data import prepare_dataset
-    from tinyqa.model import read_manifest
 
     check_storage(cfg)
     prepare_dataset(cfg)  # validation errors surface here, before any Ray work

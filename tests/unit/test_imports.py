@@ -70,17 +70,10 @@ def test_model_side_does_load_torch() -> None:
 
 
 def test_cli_help_loads_no_model_stack() -> None:
-    code = (
-        "import runpy, sys\n"
-        "sys.argv = ['tinyqa', '--help']\n"
-        "try:\n"
-        "    runpy.run_module('tinyqa.cli', run_name='__main__')\n"
-        "except SystemExit as e:\n"
-        "    assert e.code in (0, None), e.code\n"
-        f"print(sorted(m for m in {HEAVY} if m in sys.modules))\n"
-    )
+    """``python -m tinyqa.cli --help`` as a user runs it; ``-X importtime`` lists every module
+    the interpreter imported, on stderr."""
     proc = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-X", "importtime", "-m", "tinyqa.cli", "--help"],
         cwd=REPO,
         env=_env(),
         capture_output=True,
@@ -89,7 +82,13 @@ def test_cli_help_loads_no_model_stack() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage: tinyqa" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    imported = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+    assert "tinyqa" in imported  # the listing works
+    assert imported.isdisjoint(HEAVY), sorted(imported & set(HEAVY))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,3 +143,44 @@ def test_the_static_check_sees_lazy_imports(tmp_path: Path) -> None:
     sample = tmp_path / "m.py"
     sample.write_text("def f():\n    from serving.deploy import deploy\n    import jobs.train\n")
     assert _imported_packages(sample) == [(2, "serving"), (3, "jobs")]
+
+
+# ----------------------------------------------------------------------------------------------
+# names that moved to the torch-free core are imported from there
+# ----------------------------------------------------------------------------------------------
+MOVED = {
+    "MANIFEST",
+    "BEST_FILE",
+    "check_adapter_id",
+    "read_manifest",
+    "base_settings_from_manifest",
+    "list_adapters",
+    "resolve_adapter",
+    "read_best",
+    "ServingPlan",
+    "serving_plan",
+    "UnknownAdapter",
+    "AdapterMismatch",
+    "PromptTooLong",
+}
+OLD_HOMES = {"tinyqa.model", "tinyqa.inference", "tinyqa.evaluation"}
+# tinyqa/tuning.py and tinyqa/bench/ are being rewritten (tinyqa/tune/, benchmarks/) in parallel
+# with this change; the integrator empties this set after the merge.
+MOVED_PENDING = {"tinyqa/tuning.py", "tinyqa/bench/train.py"}
+
+
+def test_moved_names_come_from_their_new_home() -> None:
+    stale = []
+    for top in ("tinyqa", "serving", "jobs", "tests", "benchmarks"):
+        for path in sorted((REPO / top).rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            if rel in MOVED_PENDING:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+                if isinstance(node, ast.ImportFrom) and node.module in OLD_HOMES:
+                    stale += [
+                        f"{rel}:{node.lineno} imports {alias.name} from {node.module}"
+                        for alias in node.names
+                        if alias.name in MOVED
+                    ]
+    assert stale == [], "import these from tinyqa.adapters / tinyqa.errors: " + "; ".join(stale)
