@@ -355,3 +355,26 @@ def test_shipped_configs_build_an_app(config, gpus, tmp_path):
     assert build_app({"config": config, "overrides": overrides}) is not None
     model, _ = deployment_options(load_config(REPO / config, overrides))
     assert model["ray_actor_options"]["num_gpus"] == gpus
+
+
+def test_application_binds_one_config_dict_and_the_key_apart(tmp_path, monkeypatch):
+    """deploy() hands the config object over; it becomes one dict, without the key, which the
+    ingress gets as its own argument (resolved once, on the driver)."""
+    from serving.app import application, resolved
+    from tinyqa.config import build_config, load_config
+
+    monkeypatch.setenv("TINYQA_API_KEY", "from-env")
+    cfg = resolved(
+        load_config(
+            REPO / "jobs/configs/tiny-cpu.yaml",
+            [f"storage_path={tmp_path}", "serve.api_key=from-config", "serve.port=8124"],
+        )
+    )
+    ingress = application(cfg)._bound_deployment
+    model_app, config, plan, api_key = ingress.init_args
+    model = model_app._bound_deployment
+    assert api_key == "from-config"  # serve.api_key wins over $TINYQA_API_KEY
+    assert config == cfg.to_dict() and "api_key" not in config["serve"]
+    assert model.init_args == (config, plan)  # both deployments get the same dict
+    assert build_config(config).serve.port == 8124  # and it validates on the far side
+    assert plan["default_adapter"] is None  # nothing trained under tmp_path: the base model
