@@ -12,7 +12,6 @@ from tinyqa.config import load_config
 from tinyqa.data import bundled_dataset_path, load_records
 from tinyqa.errors import DatasetError, ModelError, TinyQAError
 from tinyqa.evaluation import (
-    METRICS,
     EvalResult,
     ModelReport,
     evaluate_adapter_dir,
@@ -21,6 +20,7 @@ from tinyqa.evaluation import (
     run_eval,
 )
 from tinyqa.inference import UnknownAdapter
+from tinyqa.metrics import METRICS
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "tiny-cpu.yaml"
