@@ -21,7 +21,7 @@ def main() -> int:
         )
 
     def tune(cfg, args):
-        from tinyqa.tuning import format_table, run_sweep
+        from tinyqa.tune import format_table, run_sweep
 
         result = run_sweep(cfg, fresh=args.fresh)
         best, saved, eff = result.best, result.iterations_saved, result.parallel_efficiency

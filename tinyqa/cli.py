@@ -102,7 +102,7 @@ def _cmd_train(cfg: TinyQAConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(cfg: TinyQAConfig, args: argparse.Namespace) -> int:
-    from tinyqa.tuning import format_table, run_sweep
+    from tinyqa.tune import format_table, run_sweep
 
     result = run_sweep(cfg, fresh=args.fresh)
     print(format_table(result))

@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 from tinyqa.config import DataSettings, TinyQAConfig
 from tinyqa.errors import DatasetError, StorageError
+from tinyqa.fileio import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -343,25 +342,19 @@ def prepare_dataset(cfg: TinyQAConfig, tokenizer=None, write: bool = True) -> Pr
 
 
 def write_prepared(prepared: PreparedData, out_dir: Path) -> None:
+    """Write the splits and stats into ``out_dir``, replacing it as a whole (atomically)."""
     out_dir = Path(out_dir)
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=out_dir.parent))
+        with atomic_folder(out_dir) as tmp:
+            for split, rows in (("train", prepared.train), ("eval", prepared.eval)):
+                with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                    for row in rows:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            (tmp / STATS_FILE).write_text(json.dumps(prepared.stats, indent=2) + "\n")
     except OSError as e:
         raise StorageError(
-            f"cannot write under {out_dir.parent}: {e.strerror}; set storage_path to a writable folder"
+            f"cannot write under {out_dir.parent}: {e.strerror or e}; set storage_path to a writable folder"
         ) from e
-    try:
-        for split, rows in (("train", prepared.train), ("eval", prepared.eval)):
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (tmp / STATS_FILE).write_text(json.dumps(prepared.stats, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_prepared(data_dir: Path) -> PreparedData:

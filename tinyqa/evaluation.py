@@ -1,10 +1,8 @@
 """Score the base model and LoRA adapters on a QA set: what did fine-tuning buy, and how sure are we.
 
-Per answer: keyword recall (the dataset's native measure: share of a record's answer keywords found
-in the answer, case-insensitive), exact match and token F1 (SQuAD-style normalization), ROUGE-L F1
-(``rouge-score``) and BLEU (``sacrebleu``). Per model: the mean of each (corpus BLEU for BLEU) with a
-95 % percentile-bootstrap confidence interval, and the paired difference to the base model (same
-resampled questions for both, so the interval is about the difference, not two overlapping bars).
+The metrics (keyword recall, exact match, token F1, ROUGE-L, BLEU, each with a bootstrap interval
+and the paired change against the base) live in :mod:`tinyqa.metrics`; this module answers the
+questions and writes the run.
 
 One :class:`~tinyqa.inference.QAEngine` answers for every model: the base with adapters disabled,
 each adapter switched in turn, greedy, batched. Outputs (``<run>/eval/``): ``eval.json``,
@@ -15,12 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import tempfile
 import time
-import unicodedata
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,231 +29,13 @@ from tinyqa.adapters import (
 from tinyqa.config import TinyQAConfig
 from tinyqa.data import QARecord, build_messages, load_records, prepare_dataset, read_prepared
 from tinyqa.errors import DatasetError, ModelError, StorageError, TinyQAError
+from tinyqa.fileio import write_json, write_text
 from tinyqa.inference import BASE_LABEL, EngineModel, GenerationRequest, QAEngine, build_engine
+from tinyqa.metrics import CONFIDENCE, METRIC_LABELS, METRICS, ScoredAnswers, bootstrap
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("keyword_recall", "exact_match", "token_f1", "rougeL", "bleu")
-METRIC_LABELS = {
-    "keyword_recall": "keyword recall",
-    "exact_match": "exact match",
-    "token_f1": "token F1",
-    "rougeL": "ROUGE-L F1",
-    "bleu": "BLEU",
-}
 EVAL_DIR = "eval"
-CONFIDENCE = 0.95
-_ARTICLES = frozenset({"a", "an", "the"})
-_WORD_RE = re.compile(r"[^\W_]+")  # letters and digits of any script
-
-
-# ----------------------------------------------------------------------------------------------
-# metrics on one answer
-# ----------------------------------------------------------------------------------------------
-def _fold(text: str) -> str:
-    """Unicode-normalized, case-folded, whitespace-collapsed text."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD-style normalization: casefold, punctuation and symbols to spaces, drop a/an/the.
-
-    Punctuation becomes a space rather than vanishing, so ``os.path`` compares as ``os path``.
-    """
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    spaced = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in folded)
-    return " ".join(t for t in spaced.split() if t not in _ARTICLES)
-
-
-def keyword_recall(prediction: str, keywords: list[str]) -> float | None:
-    """Share of ``keywords`` that occur in ``prediction`` (case-insensitive substring match).
-
-    None when the record has no keywords (an ``answer``-only record): it has no such score.
-    """
-    kws = [_fold(k) for k in keywords if k.strip()]
-    if not kws:
-        return None
-    answer = _fold(prediction)
-    return sum(1 for k in kws if k in answer) / len(kws)
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    """1.0 when the normalized answers are equal, else 0.0."""
-    return float(normalize_answer(prediction) == normalize_answer(reference))
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """Harmonic mean of token precision and recall over normalized tokens (multiset overlap)."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-class _UnicodeTokenizer:
-    """rouge-score's default tokenizer keeps only ``[a-z0-9]``, so any non-Latin answer scores 0.
-
-    This one keeps letters and digits of every script; on ASCII text it yields the same tokens
-    as the default (lowercase, split on anything that is not a letter or digit).
-    """
-
-    def tokenize(self, text: str) -> list[str]:
-        return _WORD_RE.findall(unicodedata.normalize("NFKC", text).casefold())
-
-
-_rouge_scorer = None
-_bleu_sentence = None
-
-
-def _scorers():
-    global _rouge_scorer, _bleu_sentence
-    if _rouge_scorer is None:
-        from rouge_score.rouge_scorer import RougeScorer
-        from sacrebleu.metrics import BLEU
-
-        _rouge_scorer = RougeScorer(["rougeL"], tokenizer=_UnicodeTokenizer())
-        # Sentence BLEU with effective order: a short answer is not zeroed by missing 4-grams.
-        _bleu_sentence = BLEU(effective_order=True)
-    return _rouge_scorer, _bleu_sentence
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 (longest common subsequence) from ``rouge-score``."""
-    return float(_scorers()[0].score(reference, prediction)["rougeL"].fmeasure)
-
-
-def _bleu_stats(prediction: str, reference: str) -> tuple[float, list[float]]:
-    """Sentence BLEU (0-100) and the sufficient statistics corpus BLEU sums over answers."""
-    score = _scorers()[1].sentence_score(prediction, [reference])
-    return float(score.score), [score.sys_len, score.ref_len, *score.counts, *score.totals]
-
-
-def corpus_bleu_from_stats(stats: np.ndarray) -> float:
-    """Corpus BLEU (0-100, sacrebleu defaults) from summed sufficient statistics (see _bleu_stats)."""
-    from sacrebleu.metrics import BLEU
-
-    s = [int(round(x)) for x in stats]
-    return float(
-        BLEU.compute_bleu(
-            correct=s[2:6], total=s[6:10], sys_len=s[0], ref_len=s[1], smooth_method="exp"
-        ).score
-    )
-
-
-def _score(prediction: str, record: QARecord) -> tuple[dict[str, float | None], list[float]]:
-    bleu, stats = _bleu_stats(prediction, record.answer)
-    scores = {
-        "keyword_recall": keyword_recall(prediction, record.keywords),
-        "exact_match": exact_match(prediction, record.answer),
-        "token_f1": token_f1(prediction, record.answer),
-        "rougeL": rouge_l(prediction, record.answer),
-        "bleu": bleu,
-    }
-    return scores, stats
-
-
-def score_answer(prediction: str, record: QARecord) -> dict[str, float | None]:
-    """Every metric for one answer (BLEU here is sentence BLEU, 0-100)."""
-    return _score(prediction, record)[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# aggregates with bootstrap intervals
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class _Scored:
-    """Per-question metric columns of one model (NaN = undefined for that question)."""
-
-    columns: dict[str, np.ndarray]  # metric -> (N,)
-    bleu_stats: np.ndarray  # (N, 10)
-
-    @classmethod
-    def from_answers(
-        cls, predictions: list[str], records: list[QARecord]
-    ) -> tuple[_Scored, list[dict]]:
-        rows, stats = [], []
-        for pred, rec in zip(predictions, records, strict=True):
-            scores, bleu_stats = _score(pred, rec)
-            rows.append(scores)
-            stats.append(bleu_stats)
-        columns = {
-            m: np.array([np.nan if r[m] is None else r[m] for r in rows], dtype=float)
-            for m in METRICS
-        }
-        return cls(columns, np.array(stats, dtype=float).reshape(len(rows), 10)), rows
-
-    def aggregate(self, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Metric values under resampling ``weights`` (B, N) (None = the observed sample)."""
-        n = len(self.bleu_stats)
-        w = np.ones((1, n)) if weights is None else weights
-        out = {}
-        for m in METRICS:
-            if m == "bleu":
-                summed = w @ self.bleu_stats  # (B, 10)
-                out[m] = np.array([corpus_bleu_from_stats(row) for row in summed])
-                continue
-            col = self.columns[m]
-            defined = ~np.isnan(col)
-            den = w @ defined
-            num = w @ np.where(defined, col, 0.0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[m] = np.where(den > 0, num / np.maximum(den, 1e-12), np.nan)
-        return out
-
-
-def _bootstrap(
-    scored: dict[str, _Scored], base: str | None, samples: int, seed: int
-) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Point estimates with CIs per model, and paired deltas to ``base`` with CIs."""
-    names = list(scored)
-    n = len(next(iter(scored.values())).bleu_stats)
-    rng = np.random.default_rng(seed)
-    draws: dict[str, dict[str, list[np.ndarray]]] = {k: {m: [] for m in METRICS} for k in names}
-    chunk = max(1, min(samples, 2_000_000 // max(n, 1)))  # bound the (B, N) weight matrix
-    done = 0
-    while done < samples:
-        b = min(chunk, samples - done)
-        # Multinomial counts = how often each question is drawn; the same draw for every model
-        # makes the deltas paired.
-        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(float)
-        for name in names:
-            for m, values in scored[name].aggregate(weights).items():
-                draws[name][m].append(values)
-        done += b
-    lo_q, hi_q = (1 - CONFIDENCE) / 2 * 100, (1 + CONFIDENCE) / 2 * 100
-
-    def interval(values: np.ndarray) -> list[float | None]:
-        values = values[~np.isnan(values)]
-        if not len(values):
-            return [None, None]
-        return [float(np.percentile(values, lo_q)), float(np.percentile(values, hi_q))]
-
-    def point(x: float) -> float | None:
-        return None if np.isnan(x) else float(x)
-
-    metrics, deltas = {}, {}
-    for name in names:
-        observed = scored[name].aggregate()
-        metrics[name] = {
-            m: {"mean": point(observed[m][0]), "ci95": interval(np.concatenate(draws[name][m]))}
-            for m in METRICS
-        }
-        if base is not None and name != base:
-            base_obs = scored[base].aggregate()
-            deltas[name] = {
-                m: {
-                    "mean": point(observed[m][0] - base_obs[m][0]),
-                    "ci95": interval(
-                        np.concatenate(draws[name][m]) - np.concatenate(draws[base][m])
-                    ),
-                }
-                for m in METRICS
-            }
-    return metrics, deltas
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,17 +137,6 @@ class EvalResult:
         }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _eval_models(cfg: TinyQAConfig) -> list[Path]:
     if cfg.eval.adapters:
         return [locate_adapter(cfg, ref) for ref in cfg.eval.adapters]
@@ -422,11 +186,11 @@ def run_eval(cfg: TinyQAConfig) -> EvalResult:
             seconds[model.label] = time.perf_counter() - t0
             logger.info("%s: %d answers in %.1f s", model.label, len(records), seconds[model.label])
 
-    scored: dict[str, _Scored] = {}
+    scored: dict[str, ScoredAnswers] = {}
     rows: list[dict[str, Any]] = []
     for model in models:
         texts = [a.text for a in answers[model.label]]
-        scored[model.label], per_question = _Scored.from_answers(texts, records)
+        scored[model.label], per_question = ScoredAnswers.from_answers(texts, records)
         for rec, ans, scores in zip(records, answers[model.label], per_question, strict=True):
             rows.append(
                 {
@@ -442,7 +206,7 @@ def run_eval(cfg: TinyQAConfig) -> EvalResult:
                 }
             )
     base = BASE_LABEL if e.include_base else None
-    metrics, deltas = _bootstrap(scored, base, e.bootstrap_samples, cfg.seed)
+    metrics, deltas = bootstrap(scored, base, e.bootstrap_samples, cfg.seed)
     result = EvalResult(
         base_model=engine.base_id,
         source=source,
@@ -472,11 +236,11 @@ def _write_outputs(
         "predictions": out_dir / "predictions.jsonl",
         "table_md": out_dir / "eval.md",
     }
-    _atomic_write(paths["eval_json"], json.dumps(result.to_dict(), indent=2) + "\n")
-    _atomic_write(
+    write_json(paths["eval_json"], result.to_dict())
+    write_text(
         paths["predictions"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     )
-    _atomic_write(paths["table_md"], format_eval_table(result) + "\n")
+    write_text(paths["table_md"], format_eval_table(result) + "\n")
     return paths
 
 
@@ -539,6 +303,6 @@ def evaluate_adapter_dir(
     engine, models = build_engine([Path(adapter_dir)], base_settings_from_manifest(manifest), None)
     model = models[1]
     answers = _answer_all(engine, model, records, max_new_tokens, batch_size)
-    scored, _ = _Scored.from_answers([a.text for a in answers], records)
+    scored, _ = ScoredAnswers.from_answers([a.text for a in answers], records)
     out = {m: float(v[0]) for m, v in scored.aggregate().items()}
     return {m: v for m, v in out.items() if not np.isnan(v)}

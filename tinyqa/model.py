@@ -16,6 +16,7 @@ import torch
 from tinyqa.adapters import MANIFEST, read_manifest
 from tinyqa.config import LoraSettings, ModelSettings
 from tinyqa.errors import ModelError, first_line
+from tinyqa.fileio import atomic_folder
 from tinyqa.presets import PRESETS, ZEPHYR_TEMPLATE, preset_dir
 
 logger = logging.getLogger(__name__)
@@ -181,22 +182,13 @@ def apply_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
 
 
 def save_adapter(model, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> Path:
-    """Write adapter weights, tokenizer and manifest into ``out_dir`` atomically (tmp + rename)."""
-    import shutil
-    import tempfile
-
+    """Write adapter weights, tokenizer and manifest into ``out_dir`` atomically (a complete
+    folder replaces the old one, or nothing changes)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

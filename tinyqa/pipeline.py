@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import ConfigError, TinyQAError, first_line
+from tinyqa.fileio import write_json
 from tinyqa.secrets import resolve_api_key
 
 logger = logging.getLogger(__name__)
@@ -65,9 +65,7 @@ def _load_state(path: Path) -> dict[str, Any]:
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, state, sort_keys=True)
 
 
 def parse_stages(stages: list[str] | None) -> list[str]:
@@ -196,7 +194,7 @@ def _prepare(cfg: TinyQAConfig, report: PipelineReport) -> dict[str, Any]:
 
 
 def _tune(cfg: TinyQAConfig, report: PipelineReport, fresh: bool) -> dict[str, Any]:
-    from tinyqa.tuning import format_table, run_sweep
+    from tinyqa.tune import format_table, run_sweep
 
     result = run_sweep(cfg, fresh=fresh)
     report.sweep_table = format_table(result)

@@ -17,12 +17,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+from tinyqa.fileio import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +111,8 @@ def preset_dir(name: str) -> Path:
         if (target / "config.json").is_file():
             return target
         logger.info("building offline preset %r in %s (once)", name, target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        try:
+        with atomic_folder(target) as tmp:
             build(tmp)
-            tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -107,7 +107,10 @@ def sft_config(cfg: TinyQAConfig, output_dir: str, on_cpu: bool, rank: int):
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
+        # transformers >= 5 dropped `warmup_ratio`; `warmup_steps` takes a float in [0, 1) as a
+        # share of the total steps (TrainingArguments docs). TrainSettings.warmup_ratio is < 1 by
+        # validation, so this is always read as a ratio, never as a step count.
+        warmup_steps=float(t.warmup_ratio),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         bf16=bf16,

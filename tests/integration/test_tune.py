@@ -70,7 +70,7 @@ def _experiment_statuses(exp_dir: Path) -> list[str]:
 def test_grid_sweep_with_asha_promotes_best_adapter(cluster, make_config):
     import ray
 
-    from tinyqa import tuning
+    from tinyqa import tune
     from tinyqa.adapters import base_settings_from_manifest, read_manifest
     from tinyqa.model import load_adapter, load_base_model
 
@@ -86,7 +86,7 @@ def test_grid_sweep_with_asha_promotes_best_adapter(cluster, make_config):
         f"ray_address={cluster['RAY_ADDRESS']}",
     )
     try:
-        result = tuning.run_sweep(cfg)
+        result = tune.run_sweep(cfg)
     finally:
         ray.shutdown()
 
@@ -126,7 +126,7 @@ def test_grid_sweep_with_asha_promotes_best_adapter(cluster, make_config):
     assert result.iterations_full == 4 * result.expected_iterations == 12
     assert 0 < result.iterations_run <= result.iterations_full
     assert result.wall_seconds > 0 and result.parallel_efficiency > 0
-    assert "| * |" in tuning.format_table(result)
+    assert "| * |" in tune.format_table(result)
 
 
 def test_killed_driver_resumes_without_retraining_finished_trials(cluster, tmp_path):
@@ -195,7 +195,7 @@ def test_killed_driver_resumes_without_retraining_finished_trials(cluster, tmp_p
 def test_more_gpus_than_the_cluster_has_fails_before_any_trial(cluster, make_config):
     import ray
 
-    from tinyqa import tuning
+    from tinyqa import tune
     from tinyqa.errors import ConfigError
 
     cfg = make_config(
@@ -207,7 +207,7 @@ def test_more_gpus_than_the_cluster_has_fails_before_any_trial(cluster, make_con
     )
     try:
         with pytest.raises(ConfigError, match="a trial needs 1 GPU .* the cluster has 0"):
-            tuning.run_sweep(cfg)
+            tune.run_sweep(cfg)
     finally:
         ray.shutdown()
-    assert not tuning.experiment_dir(cfg).exists()
+    assert not tune.experiment_dir(cfg).exists()

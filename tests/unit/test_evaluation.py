@@ -13,13 +13,13 @@ from tinyqa.config import load_config
 from tinyqa.data import bundled_dataset_path, load_records
 from tinyqa.errors import DatasetError, ModelError, TinyQAError, UnknownAdapter
 from tinyqa.evaluation import (
-    METRICS,
     EvalResult,
     ModelReport,
     evaluate_adapter_dir,
     format_eval_table,
     run_eval,
 )
+from tinyqa.metrics import METRICS
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "jobs" / "configs" / "tiny-cpu.yaml"

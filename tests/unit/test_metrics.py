@@ -10,10 +10,10 @@ import sacrebleu
 from rouge_score.rouge_scorer import RougeScorer
 
 from tinyqa.data import QARecord
-from tinyqa.evaluation import (
+from tinyqa.metrics import (
     METRICS,
-    _bootstrap,
-    _Scored,
+    ScoredAnswers,
+    bootstrap,
     corpus_bleu_from_stats,
     exact_match,
     keyword_recall,
@@ -125,7 +125,7 @@ def test_sentence_bleu_agrees_with_sacrebleu():
 def test_corpus_bleu_from_summed_stats_equals_sacrebleu_corpus_bleu():
     preds = [p for p, _ in PAIRS]
     refs = [r for _, r in PAIRS]
-    scored, _ = _Scored.from_answers(preds, [QARecord("q", r, []) for r in refs])
+    scored, _ = ScoredAnswers.from_answers(preds, [QARecord("q", r, []) for r in refs])
     ours = corpus_bleu_from_stats(scored.bleu_stats.sum(axis=0))
     assert ours == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score, abs=1e-9)
     assert scored.aggregate()["bleu"][0] == pytest.approx(ours)
@@ -167,7 +167,7 @@ def _records(n: int, with_keywords: bool = True) -> list[QARecord]:
 def test_aggregate_means_and_skips_undefined_keyword_recall():
     records = _records(4)
     records[3] = QARecord("q3", "answer number 3", [], 3)  # no keywords: no recall for it
-    scored, rows = _Scored.from_answers(["answer", "answer", "nothing", "nothing"], records)
+    scored, rows = ScoredAnswers.from_answers(["answer", "answer", "nothing", "nothing"], records)
     assert [r["keyword_recall"] for r in rows] == [1.0, 1.0, 0.0, None]
     agg = scored.aggregate()
     assert agg["keyword_recall"][0] == pytest.approx(2 / 3)
@@ -181,11 +181,11 @@ def test_bootstrap_interval_brackets_the_mean_and_paired_delta_is_exact_for_a_co
     base_answers = ["answer" if h else "nope" for h in hits]
     better = [f"answer number {i}" for i in range(40)]  # every one exact
     scored = {
-        "base": _Scored.from_answers(base_answers, records)[0],
-        "adapter": _Scored.from_answers(better, records)[0],
-        "same": _Scored.from_answers(base_answers, records)[0],
+        "base": ScoredAnswers.from_answers(base_answers, records)[0],
+        "adapter": ScoredAnswers.from_answers(better, records)[0],
+        "same": ScoredAnswers.from_answers(base_answers, records)[0],
     }
-    metrics, deltas = _bootstrap(scored, "base", samples=500, seed=1)
+    metrics, deltas = bootstrap(scored, "base", samples=500, seed=1)
     kr = metrics["base"]["keyword_recall"]
     lo, hi = kr["ci95"]
     assert lo < kr["mean"] < hi
@@ -201,7 +201,7 @@ def test_bootstrap_interval_brackets_the_mean_and_paired_delta_is_exact_for_a_co
 
 
 def test_bootstrap_reports_none_for_a_metric_nothing_defines():
-    scored = {"base": _Scored.from_answers(["a", "b"], _records(2, with_keywords=False))[0]}
-    metrics, deltas = _bootstrap(scored, "base", samples=50, seed=0)
+    scored = {"base": ScoredAnswers.from_answers(["a", "b"], _records(2, with_keywords=False))[0]}
+    metrics, deltas = bootstrap(scored, "base", samples=50, seed=0)
     assert metrics["base"]["keyword_recall"] == {"mean": None, "ci95": [None, None]}
     assert deltas == {}

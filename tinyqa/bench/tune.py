@@ -1,6 +1,6 @@
 """Sweep benchmark: parallel efficiency of trials on Ray Tune, and what ASHA saves.
 
-One :func:`tinyqa.tuning.run_sweep` (fresh, in its own process and its own local Ray unless a
+One :func:`tinyqa.tune.run_sweep` (fresh, in its own process and its own local Ray unless a
 cluster is configured) under a scratch experiment. Reported:
 
 - parallel efficiency = sum of trial times / (sweep wall × concurrent trials), and the speedup
@@ -56,7 +56,7 @@ def measure_sweep(spec: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     from tinyqa.cluster import start_private
-    from tinyqa.tuning import count_trials, run_sweep
+    from tinyqa.tune import count_trials, run_sweep
 
     cfg = build_config(spec["config"], "bench sweep config")
     started = time.perf_counter()
