@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not installed
 
-from tinyqa.bench import SUITES, format_bench, run_bench  # noqa: E402
+from benchmarks import SUITES, format_bench, run_bench  # noqa: E402
 from tinyqa.cli import run_job  # noqa: E402
 from tinyqa.errors import ConfigError  # noqa: E402
 

@@ -179,7 +179,7 @@ def _cmd_demo(cfg: TinyQAConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(cfg: TinyQAConfig, args: argparse.Namespace) -> int:
-    from tinyqa.bench import format_bench, run_bench
+    from benchmarks import format_bench, run_bench
 
     options = {"endpoint": args.endpoint} if args.endpoint else {}
     result = run_bench(cfg, args.suite, out=args.out, quick=args.quick, **options)

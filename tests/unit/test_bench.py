@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tinyqa.bench import BenchError, format_bench, run_bench
-from tinyqa.bench.common import json_safe, new_result, percentile, target, write_result
-from tinyqa.bench.train import _fill_train_tables
+from benchmarks import BenchError, format_bench, run_bench
+from benchmarks.common import json_safe, new_result, percentile, target, write_result
+from benchmarks.train import _fill_train_tables
 
 REPO = Path(__file__).resolve().parents[2]
 TOP_LEVEL = {
@@ -238,7 +238,7 @@ def test_benchmark_job_help():
 
 
 def test_best_of_rounds_takes_each_figure_from_its_least_disturbed_round():
-    from tinyqa.bench.train import _best
+    from benchmarks.train import _best
 
     rounds = [
         {
