@@ -73,8 +73,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
-def _run(args: argparse.Namespace, prog: str) -> int:
-    """Load the config and run the parsed command; user mistakes become one stderr line + exit 2."""
+def _run(args: argparse.Namespace, prefix: str) -> int:
+    """Load the config and run the parsed command; a user mistake becomes one stderr line
+    (``<prefix>error: <message>``) and exit 2."""
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -83,10 +84,10 @@ def _run(args: argparse.Namespace, prog: str) -> int:
         cfg = load_cli_config(args)
         code, summary = COMMANDS[args.command].execute(cfg, args)
     except TinyQAError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prefix}error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prefix}interrupted", file=sys.stderr)
         return 130
     if summary is not None:
         print(summary)
@@ -95,16 +96,15 @@ def _run(args: argparse.Namespace, prog: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
-    return _run(args, f"tinyqa {args.command}")
+    return _run(args, f"tinyqa {args.command}: ")
 
 
 def run_job(command: str, argv: list[str] | None = None) -> int:
     """The whole body of a ``jobs/*.py`` entrypoint: run ``command`` from the command table with
     the job's own parser (same arguments, same summary, same exit codes as ``tinyqa <command>``).
     """
-    spec = COMMANDS[command]
-    parser = build_job_parser(spec)
-    return _run(parse_args(parser, argv), parser.prog)
+    # A job's log already names the job, so its errors read plain ``error: <message>``.
+    return _run(parse_args(build_job_parser(COMMANDS[command]), argv), "")
 
 
 if __name__ == "__main__":

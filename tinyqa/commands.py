@@ -51,11 +51,14 @@ def load(import_path: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        # Only a missing module named by the path itself is the user's environment; a missing
-        # dependency deeper down is a broken install, reported the same way but named.
+        # The package itself missing (tinyqa installed without its sibling packages) calls for
+        # another fix than one of its dependencies missing.
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            fix = "run from a tinyqa checkout or install the full tinyqa distribution"
+        else:
+            fix = f"install the package that provides {e.name!r}"
         raise CommandImportError(
-            f"cannot import {module_name!r} for {import_path!r} (missing module {e.name!r}); "
-            "run from a tinyqa checkout or install the full tinyqa distribution"
+            f"cannot import {module_name!r} for {import_path!r} (no module {e.name!r}); {fix}"
         ) from e
     try:
         return getattr(module, attribute)

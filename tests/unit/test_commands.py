@@ -83,6 +83,13 @@ def test_load_errors_name_the_path_and_the_fix(monkeypatch):
         load("benchmarks:run_bench")
 
 
+def test_load_names_a_missing_dependency(monkeypatch, tmp_path):
+    (tmp_path / "needs_dep.py").write_text("import no_such_dependency_xyz\nrun = print\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(CommandImportError, match="provides 'no_such_dependency_xyz'"):
+        load("needs_dep:run")
+
+
 def test_missing_benchmarks_package_is_a_one_line_user_error(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "benchmarks", None)
     code = main(["bench", "gpu", "--quick", f"storage_path={tmp_path}"])
@@ -121,7 +128,7 @@ def test_job_user_mistake_is_one_line_exit_2(repo_root, tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.startswith("jobs/train.py: error:") and "lora.r" in proc.stderr
+    assert proc.stderr.startswith("error: ") and "lora.r" in proc.stderr
     assert proc.stderr.count("\n") == 1 and not any(tmp_path.iterdir())
 
 
