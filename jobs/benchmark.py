@@ -15,36 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not installed
 
-from tinyqa.bench import SUITES, format_bench, run_bench  # noqa: E402
 from tinyqa.cli import run_job  # noqa: E402
-from tinyqa.errors import ConfigError  # noqa: E402
 
 
 def main() -> int:
-    def add_args(parser):
-        parser.add_argument("suite", choices=SUITES, help="what to measure")
-        parser.add_argument("--out", help="results folder (default <storage>/<experiment>/bench)")
-        parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-        parser.add_argument("--endpoint", help="serve suite: measure this running endpoint instead")
-
-    def benchmark(cfg, args):
-        if args.endpoint and args.suite != "serve":
-            raise ConfigError("--endpoint applies to the serve suite only")
-        options = {"endpoint": args.endpoint} if args.endpoint else {}
-        result = run_bench(cfg, args.suite, out=args.out, quick=args.quick, **options)
-        return (
-            f"{format_bench(result)}\n"
-            f"wrote {result['paths']['json']} and {result['paths']['markdown']}"
-        )
-
-    return run_job(
-        "benchmark",
-        benchmark,
-        add_args,
-        description="Benchmarks: training (seed vs tinyqa, plain TRL vs Ray Train), serving "
-        "(sequential vs concurrent clients vs an in-process loop), sweeps (parallel efficiency, "
-        "ASHA savings), and the GPU set.",
-    )
+    return run_job("bench")
 
 
 if __name__ == "__main__":

@@ -10,17 +10,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not installed
 
 from tinyqa.cli import run_job  # noqa: E402
-from tinyqa.evaluation import format_eval_table, run_eval  # noqa: E402
 
 
 def main() -> int:
-    def evaluate(cfg, args):
-        result = run_eval(cfg)
-        return (
-            f"{format_eval_table(result)}\nwrote {', '.join(str(p) for p in result.paths.values())}"
-        )
-
-    return run_job("evaluate", evaluate)
+    return run_job("eval")
 
 
 if __name__ == "__main__":

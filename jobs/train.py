@@ -9,19 +9,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not installed
 
 from tinyqa.cli import run_job  # noqa: E402
-from tinyqa.training import run_training  # noqa: E402
 
 
 def main() -> int:
-    def train(cfg, args):
-        r = run_training(cfg)
-        m = r.metrics
-        return (
-            f"adapter {r.adapter_id}: eval loss {m['eval_loss_initial']:.4f} -> {m['eval_loss']:.4f} "
-            f"in {m['steps']} steps -> {r.adapter_dir}"
-        )
-
-    return run_job("train", train)
+    return run_job("train")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ Driver side: :func:`run_training` validates and prepares the data (before any Ra
 side: :func:`train_fn_per_worker` loads its own copy of the base model on its own device, applies
 LoRA, trains with checkpoints reported to Ray (so a restarted worker group resumes), and rank 0
 exports ``<storage>/<experiment>/adapters/<adapter_id>/`` with its ``tinyqa.json`` manifest.
+
+Extra Trainer callbacks (instrumentation, e.g. the benchmarks' step timer) go in through
+``extra_callbacks``: factories ``(cfg, rank) -> transformers.TrainerCallback`` that travel to the
+workers inside the loop config, so they must be picklable (module-level functions or classes;
+Ray pickles closures too, but what they close over is copied, not shared).
 """
 
 from __future__ import annotations
@@ -15,15 +20,25 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tinyqa.config import TinyQAConfig, build_config
 from tinyqa.errors import StorageError, TinyQAError, last_line
 
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+
 logger = logging.getLogger(__name__)
+
+CallbackFactory = Callable[[TinyQAConfig, int], "TrainerCallback"]
+"""Builds one extra Trainer callback on a worker, given the run's config and the worker's rank."""
+
+EXTRA_CALLBACKS_KEY = "extra_callbacks"
+"""Loop-config key holding the :data:`CallbackFactory` list (see :func:`train_fn_per_worker`)."""
 
 _VERSIONED = (
     "tinyqa",
@@ -140,7 +155,9 @@ def sft_config(cfg: TinyQAConfig, output_dir: str, on_cpu: bool, rank: int):
     )
 
 
-def _rows_to_dataset(rows: list[dict[str, Any]], completion_only: bool):
+def rows_to_dataset(rows: list[dict[str, Any]], completion_only: bool):
+    """A ``datasets.Dataset`` of ``input_ids`` / ``labels`` from prepared rows (see
+    :func:`tinyqa.data.read_prepared`); with ``completion_only`` the loss covers answers only."""
     from datasets import Dataset
 
     return Dataset.from_dict(
@@ -181,7 +198,12 @@ def _callbacks(cfg: TinyQAConfig, rank: int, resumed: bool):
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker loop (one per worker; rank 0 exports the adapter)."""
+    """Ray Train worker loop (one per worker; rank 0 exports the adapter).
+
+    ``loop_config``: ``{"config": <resolved config dict>}`` plus, optionally,
+    ``"extra_callbacks"``: a list of :data:`CallbackFactory`; their callbacks run after tinyqa's own
+    (so their ``on_save`` etc. see Ray's checkpoint report already done).
+    """
     import ray.train
     import ray.train.torch
     from ray.train.huggingface.transformers import prepare_trainer
@@ -224,10 +246,13 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     trainer = SFTTrainer(
         model=model,
         args=sft_config(cfg, output_dir, on_cpu, rank),
-        train_dataset=_rows_to_dataset(prepared.train, cfg.train.completion_only_loss),
-        eval_dataset=_rows_to_dataset(prepared.eval, cfg.train.completion_only_loss),
+        train_dataset=rows_to_dataset(prepared.train, cfg.train.completion_only_loss),
+        eval_dataset=rows_to_dataset(prepared.eval, cfg.train.completion_only_loss),
         processing_class=tokenizer,
-        callbacks=_callbacks(cfg, rank, resumed=resume_dir is not None),
+        callbacks=[
+            *_callbacks(cfg, rank, resumed=resume_dir is not None),
+            *(factory(cfg, rank) for factory in loop_config.get(EXTRA_CALLBACKS_KEY, ())),
+        ],
     )
     trainer = prepare_trainer(trainer)
 
@@ -282,11 +307,16 @@ def build_trainer(
     name: str | None = None,
     callbacks: list | None = None,
     storage_path: str | Path | None = None,
+    extra_callbacks: Sequence[CallbackFactory] = (),
+    train_loop_per_worker: Callable[[dict[str, Any]], None] | None = None,
 ):
     """A TorchTrainer for ``cfg``; ``callbacks`` are Ray Train ``UserCallback``s (e.g. Tune's).
 
     ``storage_path`` (default ``cfg.ray_storage``) lets a sweep keep its trials' runs inside its
-    own folder, so starting the sweep over removes them too.
+    own folder, so starting the sweep over removes them too. ``extra_callbacks`` are Trainer
+    callback factories for the workers (see :func:`train_fn_per_worker`). ``train_loop_per_worker``
+    replaces the worker loop with a wrapper that must call :func:`train_fn_per_worker` with the
+    loop config it gets (the benchmarks wrap it to measure the worker process).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -297,9 +327,12 @@ def build_trainer(
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
+    loop_config: dict[str, Any] = {"config": cfg.to_dict()}
+    if extra_callbacks:
+        loop_config[EXTRA_CALLBACKS_KEY] = list(extra_callbacks)
     return TorchTrainer(
-        train_loop_per_worker=train_fn_per_worker,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_per_worker=train_loop_per_worker or train_fn_per_worker,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
         ),
@@ -314,8 +347,11 @@ def build_trainer(
     )
 
 
-def run_training(cfg: TinyQAConfig) -> TrainResult:
+def run_training(cfg: TinyQAConfig, extra_callbacks: Sequence[CallbackFactory] = ()) -> TrainResult:
     """Prepare the data, train on Ray, and return the exported adapter.
+
+    ``extra_callbacks``: Trainer callback factories run on every worker after tinyqa's own (see
+    :func:`train_fn_per_worker`; they must be picklable).
 
     Raises :class:`~tinyqa.errors.TinyQAError` subclasses for user mistakes (bad data, storage) and
     :class:`TrainingFailed` when Ray Train gives up.
@@ -329,7 +365,7 @@ def run_training(cfg: TinyQAConfig) -> TrainResult:
     connect(cfg)
     name = run_name(cfg)
     logger.info("training %s (Ray run %s under %s)", cfg.adapter_id, name, cfg.ray_storage)
-    trainer = build_trainer(cfg, name)
+    trainer = build_trainer(cfg, name, extra_callbacks=extra_callbacks)
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors in TrainingFailedError

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tinyqa.bench import run_bench
+from benchmarks import run_bench
 
 pytestmark = pytest.mark.integration
 

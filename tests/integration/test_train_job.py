@@ -83,3 +83,39 @@ def test_bad_config_fails_the_job_with_exit_2(ray_cluster, tmp_path):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "lora.r" in out and "Traceback" not in out
+
+
+def test_extra_callbacks_cross_the_ray_boundary_to_every_worker(ray_cluster, make_config, tmp_path):
+    """run_training's public hook: callback factories travel in the loop config and their
+    callbacks run on every worker (the benchmarks time steps through it)."""
+    import ray
+
+    from tinyqa.training import run_training
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def step_marker(cfg, rank):
+        from transformers import TrainerCallback
+
+        class Marker(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                with open(marks / f"rank{rank}.txt", "a") as f:
+                    f.write(f"{state.global_step}\n")
+
+        return Marker()
+
+    cfg = make_config(
+        f"ray_address={ray_cluster.address}",
+        "train.num_workers=2",
+        "train.max_steps=3",
+        "train.eval_steps=3",
+        "train.save_steps=3",
+    )
+    try:
+        result = run_training(cfg, extra_callbacks=[step_marker])
+    finally:
+        ray.shutdown()
+    assert result.metrics["steps"] == 3
+    for rank in (0, 1):
+        assert (marks / f"rank{rank}.txt").read_text().split() == ["1", "2", "3"], rank

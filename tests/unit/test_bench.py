@@ -3,6 +3,7 @@ datasets, which the lent GPU machines lack), result files, and the ratio / targe
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tinyqa.bench import BenchError, format_bench, run_bench
-from tinyqa.bench.common import json_safe, new_result, percentile, target, write_result
-from tinyqa.bench.train import _fill_train_tables
+from benchmarks import BenchError, format_bench, run_bench
+from benchmarks.common import json_safe, new_result, percentile, target, write_result
+from benchmarks.train import _fill_train_tables
 
 REPO = Path(__file__).resolve().parents[2]
 TOP_LEVEL = {
@@ -238,7 +239,7 @@ def test_benchmark_job_help():
 
 
 def test_best_of_rounds_takes_each_figure_from_its_least_disturbed_round():
-    from tinyqa.bench.train import _best
+    from benchmarks.train import _best
 
     rounds = [
         {
@@ -265,3 +266,19 @@ def test_best_of_rounds_takes_each_figure_from_its_least_disturbed_round():
         "steps": 20,
         "rounds": 2,
     }
+
+
+def test_benchmarks_use_only_public_tinyqa_names():
+    """benchmarks/ is outside the library: no private names, no patching tinyqa's modules."""
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tinyqa"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name}: imports {private} from {node.module}"
+            if isinstance(node, ast.Assign):
+                for t in node.targets:
+                    if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name):
+                        assert t.value.id not in {"tinyqa", "training", "trainer"}, (
+                            f"{path.name}:{node.lineno} assigns {t.value.id}.{t.attr}"
+                        )

@@ -95,10 +95,6 @@ def test_cli_help_loads_no_model_stack() -> None:
 # the library never imports the layers above it
 # ----------------------------------------------------------------------------------------------
 FORBIDDEN = ("serving", "benchmarks", "jobs")
-# Pending the command table of issue 13: the CLI wires `serve` / `demo` to serving by an
-# import-path string there, and tinyqa/bench moves out to benchmarks/. Empty this set after the
-# merge; the test then guards every file.
-PENDING = {"tinyqa/cli.py", "tinyqa/bench/serve.py"}
 
 
 def _imported_packages(path: Path) -> list[tuple[int, str]]:
@@ -112,12 +108,10 @@ def _imported_packages(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def _upward_imports(skip: set[str]) -> list[str]:
+def _upward_imports() -> list[str]:
     found = []
     for path in sorted((REPO / "tinyqa").rglob("*.py")):
         rel = path.relative_to(REPO).as_posix()
-        if rel in skip:
-            continue
         found += [
             f"{rel}:{line} imports {pkg}"
             for line, pkg in _imported_packages(path)
@@ -127,16 +121,8 @@ def _upward_imports(skip: set[str]) -> list[str]:
 
 
 def test_library_never_imports_serving_benchmarks_or_jobs() -> None:
-    assert _upward_imports(PENDING) == []
-
-
-@pytest.mark.xfail(
-    reason="tinyqa/cli.py and tinyqa/bench/ import serving until the command table lands "
-    "(issue 13); the integrator empties PENDING after the merge",
-    strict=False,
-)
-def test_pending_files_never_import_serving_either() -> None:
-    assert _upward_imports(set()) == []
+    """The CLI reaches serving / benchmarks by import-path strings (tinyqa/commands.py)."""
+    assert _upward_imports() == []
 
 
 def test_the_static_check_sees_lazy_imports(tmp_path: Path) -> None:
@@ -164,9 +150,6 @@ MOVED = {
     "PromptTooLong",
 }
 OLD_HOMES = {"tinyqa.model", "tinyqa.inference", "tinyqa.evaluation"}
-# tinyqa/tuning.py and tinyqa/bench/ are being rewritten (tinyqa/tune/, benchmarks/) in parallel
-# with this change; the integrator empties this set after the merge.
-MOVED_PENDING = {"tinyqa/bench/train.py"}
 
 
 def test_moved_names_come_from_their_new_home() -> None:
@@ -174,8 +157,6 @@ def test_moved_names_come_from_their_new_home() -> None:
     for top in ("tinyqa", "serving", "jobs", "tests", "benchmarks"):
         for path in sorted((REPO / top).rglob("*.py")):
             rel = path.relative_to(REPO).as_posix()
-            if rel in MOVED_PENDING:
-                continue
             for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
                 if isinstance(node, ast.ImportFrom) and node.module in OLD_HOMES:
                     stale += [

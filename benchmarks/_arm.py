@@ -1,4 +1,4 @@
-"""Entry point of one benchmark arm in its own process: ``python -m tinyqa.bench._arm KIND SPEC OUT``.
+"""Entry point of one benchmark arm in its own process: ``python -m benchmarks._arm KIND SPEC OUT``.
 
 Reads the arm's spec (JSON), runs it, writes its result (JSON). A fresh process per arm gives each
 arm its own peak memory and its own import / start-up cost.
@@ -19,15 +19,15 @@ def main(argv: list[str]) -> int:
     )
     spec = json.loads(Path(spec_path).read_text())
     if kind == "trl_train":
-        from tinyqa.bench.train import measure_trl_arm as run
+        from benchmarks.train import measure_trl_arm as run
     elif kind == "ray_train":
-        from tinyqa.bench.train import measure_ray_arm as run
+        from benchmarks.train import measure_ray_arm as run
     elif kind == "tune_sweep":
-        from tinyqa.bench.tune import measure_sweep as run
+        from benchmarks.tune import measure_sweep as run
     elif kind == "serve_baseline":
-        from tinyqa.bench.serve import measure_baseline as run
+        from benchmarks.serve import measure_baseline as run
     elif kind == "serve_load":
-        from tinyqa.bench.serve import measure_serving as run
+        from benchmarks.serve import measure_serving as run
     else:
         raise SystemExit(f"unknown arm kind {kind!r}")
     result = run(spec)

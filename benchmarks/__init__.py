@@ -1,9 +1,11 @@
 """Benchmarks: training, serving and sweep performance against baselines (``tinyqa bench``).
 
-Each suite writes ``<suite>.json`` and ``<suite>.md`` into ``out`` (default
-``<storage>/<experiment>/bench``). Suites import their heavy dependencies lazily: the ``gpu``
-suite imports no Ray (the lent GPU machines have none), and nothing here imports ``serving``
-at module level.
+A top-level package beside ``tinyqa``, ``serving`` and ``jobs``: it may import ``tinyqa`` (public
+functions only) and ``serving``; ``tinyqa`` reaches it only through the import path in its command
+table (``tinyqa.commands``). Each suite writes ``<suite>.json`` and ``<suite>.md`` into ``out``
+(default ``<storage>/<experiment>/bench``). Suites import their heavy dependencies inside
+functions: the ``gpu`` suite imports no Ray (the lent GPU machines have none), so neither does
+this module nor :mod:`benchmarks.common`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import os
 from typing import Any
 
-from tinyqa.bench.common import SUITES, BenchError, format_bench, out_dir, write_result
+from benchmarks.common import SUITES, BenchError, format_bench, out_dir, write_result
 from tinyqa.config import TinyQAConfig
 
 logger = logging.getLogger(__name__)
@@ -35,15 +37,17 @@ def run_bench(
     """
     if suite not in SUITES:
         raise BenchError(f"unknown bench suite {suite!r}; choose one of {', '.join(SUITES)}")
+    if options.get("endpoint") is not None and suite != "serve":
+        raise BenchError(f"--endpoint applies to the serve suite only, not to {suite!r}")
     folder = out_dir(cfg, out)
     if suite == "train":
-        from tinyqa.bench.train import bench_train as fn
+        from benchmarks.train import bench_train as fn
     elif suite == "tune":
-        from tinyqa.bench.tune import bench_tune as fn
+        from benchmarks.tune import bench_tune as fn
     elif suite == "serve":
-        from tinyqa.bench.serve import bench_serve as fn
+        from benchmarks.serve import bench_serve as fn
     else:
-        from tinyqa.bench.gpu import bench_gpu as fn
+        from benchmarks.gpu import bench_gpu as fn
     logger.info("bench %s%s -> %s", suite, " (quick)" if quick else "", folder)
     result = fn(cfg, folder, quick=quick, **options)
     return write_result(result, folder)

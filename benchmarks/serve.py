@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tinyqa.bench.common import (
+from benchmarks.common import (
     BenchError,
     new_result,
     percentile,
@@ -236,17 +236,12 @@ def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
 def measure_serving(spec: dict[str, Any]) -> dict[str, Any]:
     """Deploy the scratch app on a private local Ray, run every mode, remove it (spec: config,
     threads, requests, concurrency, max_new_tokens)."""
+    # Ray and serving are imported here, not at the top: the gpu suite (no Ray on those machines)
+    # shares this package.
     import ray
 
+    from serving.deploy import deploy
     from tinyqa.cluster import start_private
-
-    try:
-        from serving.deploy import deploy  # the Serve app ships beside tinyqa, not inside it
-    except ImportError as e:
-        raise BenchError(
-            "the serve bench deploys the `serving` package, which is not importable here; run "
-            "it from a tinyqa checkout, or measure a running endpoint (endpoint=URL)"
-        ) from e
     from tinyqa.secrets import resolve_api_key
 
     cfg = build_config(spec["config"], "bench serve config")

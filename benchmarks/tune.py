@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tinyqa.bench.common import new_result, ratio, run_arm
+from benchmarks.common import new_result, ratio, run_arm
 from tinyqa.config import TinyQAConfig, build_config
 
 logger = logging.getLogger(__name__)

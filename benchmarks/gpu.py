@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tinyqa.bench.common import median, new_result, percentile, ratio, target
+from benchmarks.common import median, new_result, percentile, ratio, target
 from tinyqa.config import TinyQAConfig
 
 logger = logging.getLogger(__name__)

@@ -200,7 +200,7 @@ def new_result(suite: str, quick: bool, settings: dict[str, Any]) -> dict[str, A
 def run_arm(kind: str, spec: dict[str, Any], timeout_s: float, work: Path) -> dict[str, Any]:
     """Run one measured arm in a fresh Python process (so its peak RSS is its own).
 
-    ``kind`` names a function in :mod:`tinyqa.bench._arm`. Returns its result dict, plus
+    ``kind`` names a function in :mod:`benchmarks._arm`. Returns its result dict, plus
     ``process_seconds`` (start of the interpreter to exit, imports included). Raises
     :class:`BenchError` when the arm fails, with the tail of its log.
     """
@@ -214,10 +214,10 @@ def run_arm(kind: str, spec: dict[str, Any], timeout_s: float, work: Path) -> di
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    # The interpreter must find this very tinyqa, installed or run from a checkout.
-    root = str(Path(__file__).resolve().parents[2])
+    # The interpreter must find these very benchmarks (and tinyqa), installed or run from a checkout.
+    root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
-    cmd = [sys.executable, "-m", "tinyqa.bench._arm", kind, str(spec_file), str(result_file)]
+    cmd = [sys.executable, "-m", "benchmarks._arm", kind, str(spec_file), str(result_file)]
     logger.info("bench arm %s: running in a fresh process", spec["name"])
     load_before = _loadavg()
     started = time.perf_counter()

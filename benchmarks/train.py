@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tinyqa.bench.common import (
+from benchmarks.common import (
     BenchError,
     median,
     new_result,
@@ -119,7 +119,7 @@ def measure_trl_arm(spec: dict[str, Any]) -> dict[str, Any]:
         load_tokenizer,
         save_adapter,
     )
-    from tinyqa.training import _rows_to_dataset, sft_config
+    from tinyqa.training import rows_to_dataset, sft_config
 
     cfg = build_config(spec["config"], f"bench arm {spec['name']}")
     torch.set_num_threads(int(spec["threads"]))
@@ -159,8 +159,8 @@ def measure_trl_arm(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = CountingTrainer(
         model=model,
         args=args,
-        train_dataset=_rows_to_dataset(prepared.train, completion_only),
-        eval_dataset=_rows_to_dataset(prepared.eval, completion_only),
+        train_dataset=rows_to_dataset(prepared.train, completion_only),
+        eval_dataset=rows_to_dataset(prepared.eval, completion_only),
         processing_class=tokenizer,
         callbacks=[step_timer(step_seconds, step_cpu_seconds)],
     )
@@ -204,33 +204,34 @@ def measure_trl_arm(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def worker_report_path(cfg: TinyQAConfig) -> Path:
+    """Where rank 0 of the Ray arm writes its own figures for the driver."""
+    return cfg.run_dir / "ray-worker.json"
+
+
 def measured_train_fn(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker loop: tinyqa's own loop with a step timer added to its callbacks; rank 0
-    then writes its step times and peak memory where the driver reads them."""
+    """Ray Train worker loop: tinyqa's own loop with a step timer added through its
+    ``extra_callbacks`` hook; rank 0 then writes its step times and peak memory where the driver
+    reads them (:func:`worker_report_path`)."""
     import ray.train
     import torch
 
-    from tinyqa import training
+    from tinyqa.training import EXTRA_CALLBACKS_KEY, train_fn_per_worker
 
     step_seconds: list[float] = []
     step_cpu_seconds: list[float] = []
-    callbacks = training._callbacks
-
-    # Instrumentation only: the same callbacks as every training run, plus the timer last.
-    def with_timer(cfg, rank, resumed):
-        return [*callbacks(cfg, rank, resumed), step_timer(step_seconds, step_cpu_seconds)]
-
-    training._callbacks = with_timer
+    # Built here, on the worker, so the timer appends to these very lists; it comes after every
+    # other callback, as step_timer asks.
+    timer = step_timer(step_seconds, step_cpu_seconds)
+    extra = [*loop_config.get(EXTRA_CALLBACKS_KEY, ()), lambda cfg, rank: timer]
     started = time.perf_counter()
-    try:
-        training.train_fn_per_worker(loop_config)
-    finally:
-        training._callbacks = callbacks
+    train_fn_per_worker({**loop_config, EXTRA_CALLBACKS_KEY: extra})
     if ray.train.get_context().get_world_rank() == 0:
         gpu = None
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             gpu = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        Path(loop_config["bench_report"]).write_text(
+        report = worker_report_path(build_config(loop_config["config"], "train_loop_config"))
+        report.write_text(
             json.dumps(
                 {
                     "peak_rss_mb": peak_rss_mb(),
@@ -253,8 +254,8 @@ def measure_ray_arm(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import ray
 
+    from tinyqa.adapters import read_manifest
     from tinyqa.cluster import connect, start_private
-    from tinyqa.model import read_manifest
     from tinyqa.training import build_trainer
 
     cfg = build_config(spec["config"], f"bench arm {spec['name']}")
@@ -266,11 +267,11 @@ def measure_ray_arm(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         connect(cfg)
     ray_init_seconds = time.perf_counter() - started
-    report = cfg.run_dir / "ray-worker.json"
-    trainer = build_trainer(cfg, name=f"bench-{spec['name']}")
+    report = worker_report_path(cfg)
     # Same loop, wrapped so the worker reports its own peak memory (the driver's says nothing).
-    trainer.train_loop_per_worker = measured_train_fn
-    trainer.train_loop_config = {**trainer.train_loop_config, "bench_report": str(report)}
+    trainer = build_trainer(
+        cfg, name=f"bench-{spec['name']}", train_loop_per_worker=measured_train_fn
+    )
     t = time.perf_counter()
     try:
         trainer.fit()
