@@ -224,6 +224,9 @@ def test_no_literal_secret_and_token_auth(name, doc):
     auth = cluster_spec(doc).get("authOptions") or {}
     assert auth.get("mode") == "token", f"{name}: Ray token auth must be on"
     assert auth.get("secretName"), f"{name}: the Ray token comes from a Secret"
+    # KubeRay refuses token auth below Ray 2.52 (validation.go, ValidateRayClusterSpec).
+    version = tuple(int(p) for p in cluster_spec(doc)["rayVersion"].split(".")[:2])
+    assert version >= (2, 52), f"{name}: token auth needs Ray 2.52+"
     for group, c in containers(doc):
         for env in c.get("env", []):
             if SECRET_NAME.search(env["name"]) or env["name"] == "RAY_AUTH_MODE":
