@@ -59,7 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown", action="store_true", help="remove the deployed app")
     p.add_argument("--blocking", action="store_true", help="stay in the foreground until Ctrl-C")
     _common(p)
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded defaults (CPU, offline)")
+    p = sub.add_parser(
+        "demo", help="the whole pipeline on SmolLM2-135M-Instruct and the bundled data (2 CPUs)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the fast path: the offline `tiny` model (same as model.name=tiny)",
+    )
     p.add_argument("--stages", help="comma-separated subset of: prepare,tune,eval,serve,query")
     p.add_argument("--fresh", action="store_true", help="redo every stage")
     _common(p)
@@ -202,12 +209,14 @@ COMMANDS: dict[str, Callable[[TinyQAConfig, argparse.Namespace], int]] = {
 
 
 def load_cli_config(args: argparse.Namespace) -> TinyQAConfig:
-    """The demo runs on the embedded CPU defaults unless a config file is given."""
+    """The demo runs on the embedded CPU defaults unless a config file is given: SmolLM2's, or the
+    tiny model's with ``--quick`` or ``model.name=tiny``."""
     path = args.config
     if args.command == "demo" and path is None:
         from tinyqa.pipeline import demo_config_path
 
-        path = demo_config_path()
+        quick = args.quick or "model.name=tiny" in [o.replace(" ", "") for o in args.overrides]
+        path = demo_config_path(quick=quick)
     return load_config(path, args.overrides)
 
 

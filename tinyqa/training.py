@@ -181,6 +181,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop (one per worker; rank 0 exports the adapter)."""
     import ray.train
     import ray.train.torch
+    import torch
     from ray.train.huggingface.transformers import prepare_trainer
     from trl import SFTTrainer
 
@@ -200,6 +201,10 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     on_cpu = device.type == "cpu"
+    if on_cpu:
+        # Exactly the CPUs this worker reserved: Ray's OMP_NUM_THREADS only counts when torch had
+        # not started its thread pool yet, and more threads than CPUs oversubscribe the node.
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     prepared = read_prepared(cfg.data_dir)
     tokenizer = load_tokenizer(cfg.model)
