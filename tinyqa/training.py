@@ -242,8 +242,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=resume_dir)
     wall = time.perf_counter() - started
-    final = trainer.evaluate()
     state = trainer.state
+    # When the last step was just evaluated (max_steps a multiple of eval_steps), that loss is the
+    # final one: evaluating the same weights again costs about a training step for nothing.
+    last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+    final = last if last and last.get("step") == state.global_step else trainer.evaluate()
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
     metrics = {
         "eval_loss": final["eval_loss"],
