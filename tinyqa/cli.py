@@ -53,12 +53,12 @@ def build_job_parser(command: Command) -> argparse.ArgumentParser:
 
 
 def load_cli_config(args: argparse.Namespace) -> TinyQAConfig:
-    """Load ``--config`` plus overrides; a command may name a default config file (the demo runs
-    on the embedded CPU defaults)."""
+    """Load ``--config`` plus overrides; a command may name a function choosing the config file
+    used without ``--config`` (the demo's embedded CPU defaults: SmolLM2, or tiny with --quick)."""
     path = args.config
     default = COMMANDS[args.command].default_config
     if path is None and default is not None:
-        path = load(default)()
+        path = load(default)(args)
     return load_config(path, args.overrides)
 
 

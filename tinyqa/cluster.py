@@ -15,7 +15,13 @@ logger = logging.getLogger(__name__)
 
 # Workers must not patch print (datasets floods the logs with bytecode otherwise) and must find
 # the offline preset cache the driver uses.
-WORKER_ENV_KEYS = ("TINYQA_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
+WORKER_ENV_KEYS = (
+    "TINYQA_CACHE",
+    "TINYQA_SMOLLM2_WHEEL",
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "TRANSFORMERS_OFFLINE",
+)
 
 
 def worker_env() -> dict[str, str]:

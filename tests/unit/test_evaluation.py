@@ -77,6 +77,16 @@ def test_eval_writes_outputs_and_adapter_beats_base_on_training_questions(traine
     table = result.paths["table_md"].read_text()
     assert "| base (tiny) |" in table and "| tiny-demo |" in table
     assert table.strip() == format_eval_table(result).strip()
+    # A reader sees answers, not only numbers: the first held-out questions side by side.
+    assert f"Side by side: the first 3 of the {n} questions" in table
+    assert len(result.examples) == 3
+    for ex in result.examples:
+        assert set(ex["answers"]) == set(names)
+        assert any(
+            ex["question"] in line and ex["reference"] in line for line in table.splitlines()
+        )
+    assert set(result.answer_words) == {"reference", *names}
+    assert data["examples"] == result.examples
 
     # What fine-tuning bought, on the questions it trained on: clearly more keywords found.
     base = result.model("base").metrics["keyword_recall"]["mean"]
@@ -182,6 +192,32 @@ def test_evaluate_adapter_dir_needs_records(trained):
     records = load_records(trained["subset"])[:3]
     out = evaluate_adapter_dir(trained["adapter"], records, max_new_tokens=8, batch_size=2)
     assert all(0.0 <= out[m] <= (100.0 if m == "bleu" else 1.0) for m in METRICS)
+
+
+def test_side_by_side_cells_stay_on_one_line():
+    agg = {m: {"mean": 0.5, "ci95": [0.4, 0.6]} for m in METRICS}
+    result = EvalResult(
+        base_model="tiny",
+        source="eval split",
+        n_questions=4,
+        models=[
+            ModelReport("base", None, agg, None, 1.0),
+            ModelReport("mine", None, agg, agg, 1.0),
+        ],
+        seconds=1.0,
+        answer_words={"reference": 5.0, "base": 40.0, "mine": 6.0},
+        examples=[
+            {
+                "question": "What is `a|b`?",
+                "reference": "Or.",
+                "answers": {"base": "Line\n\nbreak", "mine": ""},
+            }
+        ],
+    )
+    table = format_eval_table(result)
+    assert "Mean answer length in words: reference 5.0, base 40.0, mine 6.0." in table
+    row = [line for line in table.splitlines() if line.startswith("| What is")]
+    assert row == ["| What is `a\\|b`? | Or. | Line break | (empty) |"]
 
 
 def test_format_eval_table_marks_sure_changes_and_missing_values():
