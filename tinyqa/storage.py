@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,18 +304,16 @@ class RemotePath:
         )
 
     def read_bytes(self) -> bytes:
-        with self._guard("reading it"):
-            with self.fs.open_input_stream(self.fs_path) as f:
-                return f.read()
+        with self._guard("reading it"), self.fs.open_input_stream(self.fs_path) as f:
+            return f.read()
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
 
     def write_bytes(self, data: bytes) -> None:
         # One write of the complete bytes: the object appears whole when the stream closes.
-        with self._guard("writing it"):
-            with self.fs.open_output_stream(self.fs_path) as f:
-                f.write(data)
+        with self._guard("writing it"), self.fs.open_output_stream(self.fs_path) as f:
+            f.write(data)
 
     def unlink(self, missing_ok: bool = False) -> None:
         with self._guard("deleting it"):
@@ -326,11 +324,8 @@ class RemotePath:
                     raise
 
     def rmtree(self) -> None:
-        with self._guard("deleting it"):
-            try:
-                self.fs.delete_dir(self.fs_path)
-            except FileNotFoundError:
-                pass
+        with self._guard("deleting it"), suppress(FileNotFoundError):
+            self.fs.delete_dir(self.fs_path)
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Nothing to do: an object store has no folders (kept so callers need not branch)."""
