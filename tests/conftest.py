@@ -146,3 +146,9 @@ def s3(monkeypatch):
             server.start()
         server.reset()
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server_factory():
+    """:class:`S3Server` itself, for fixtures of a wider scope than :func:`s3`."""
+    return S3Server

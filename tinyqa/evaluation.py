@@ -29,9 +29,9 @@ from tinyqa.adapters import (
 from tinyqa.config import TinyQAConfig
 from tinyqa.data import QARecord, build_messages, load_records, prepare_dataset, read_prepared
 from tinyqa.errors import DatasetError, ModelError, StorageError, TinyQAError
-from tinyqa.fileio import write_json, write_text
 from tinyqa.inference import BASE_LABEL, EngineModel, GenerationRequest, QAEngine, build_engine
 from tinyqa.metrics import CONFIDENCE, METRIC_LABELS, METRICS, ScoredAnswers, bootstrap
+from tinyqa.storage import location, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +300,9 @@ def evaluate_adapter_dir(
     if not records:
         raise TinyQAError("evaluate_adapter_dir: no records to answer; give at least one question")
     manifest = read_manifest(adapter_dir)
-    engine, models = build_engine([Path(adapter_dir)], base_settings_from_manifest(manifest), None)
+    engine, models = build_engine(
+        [location(adapter_dir)], base_settings_from_manifest(manifest), None
+    )
     model = models[1]
     answers = _answer_all(engine, model, records, max_new_tokens, batch_size)
     scored, _ = ScoredAnswers.from_answers([a.text for a in answers], records)

@@ -521,3 +521,12 @@ class FolderCache:
             shutil.rmtree(p, ignore_errors=True)
             total -= size
             logger.info("adapter cache over %d bytes: removed %s", self.max_bytes, p.name)
+
+
+def remove_tree(where: Location | str) -> None:
+    """Delete a folder / every object under a prefix (absent is fine)."""
+    where = location(where)
+    if isinstance(where, RemotePath):
+        where.rmtree()
+    else:
+        shutil.rmtree(where, ignore_errors=True)
