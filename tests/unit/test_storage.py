@@ -117,3 +117,49 @@ def test_folder_cache_lru_and_missing(s3, tmp_path):
         cache.get(root / "missing", "tinyqa.json")
     # A local folder is used in place.
     assert cache.get(tmp_path, "tinyqa.json") == tmp_path
+
+
+def test_best_file_is_reread_after_its_ttl(s3, monkeypatch):
+    from tinyqa.adapters import BestFile
+
+    best = location(f"{BUCKET}/runs/best.json")
+    storage.write_json(best, {"adapter_id": "one"})
+    now = [100.0]
+    monkeypatch.setattr("tinyqa.adapters.time.monotonic", lambda: now[0])
+    watched = BestFile(best, ttl_s=10, current="one")
+    storage.write_json(best, {"adapter_id": "two"})
+    assert watched.adapter_id() == "one"  # inside the TTL: no read
+    now[0] += 11
+    assert watched.adapter_id() == "two"
+    s3.stop()
+    now[0] += 11
+    assert watched.adapter_id() == "two"  # storage down: the last good value
+
+
+def test_remote_adapter_lookup_and_errors(s3, tmp_path):
+    from serving.api import ApiError, ModelCatalog
+    from tinyqa.adapters import fetch_adapter, list_adapters, resolve_adapter
+    from tinyqa.errors import UnknownAdapter
+
+    root = location(f"{BUCKET}/runs/adapters", {"connect_timeout_s": 1, "max_attempts": 1})
+    with storage.atomic_folder(root / "good", "tinyqa.json") as tmp:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (tmp / name).write_text("{}")
+        (tmp / "tinyqa.json").write_text(json.dumps({"adapter_id": "good", "base_model": "tiny"}))
+    # A folder whose manifest has not arrived yet (upload in progress) does not exist.
+    storage.write_text(root / "half" / "adapter_model.safetensors", "{}")
+    assert list_adapters(root) == ["good"]
+    with pytest.raises(UnknownAdapter, match="unknown adapter 'half'"):
+        resolve_adapter(root, "half")
+    with pytest.raises(UnknownAdapter):
+        fetch_adapter(root / "half")
+    catalog = ModelCatalog("tiny", root, None)
+    assert catalog.select("good") == "good"
+    with pytest.raises(ApiError) as err:
+        catalog.select("nope")
+    assert err.value.status == 404
+    s3.stop()
+    with pytest.raises(ApiError) as err:
+        catalog.select("good")
+    assert err.value.status == 503 and err.value.code == "storage_unavailable"
+    assert f"{BUCKET}/runs/adapters" in err.value.message
