@@ -22,6 +22,7 @@ import numpy as np
 
 from tinyqa.adapters import (
     base_settings_from_manifest,
+    configure_adapter_cache,
     default_adapter_dir,
     locate_adapter,
     read_manifest,
@@ -164,6 +165,7 @@ def run_eval(cfg: TinyQAConfig) -> EvalResult:
             "no adapter found under %s: evaluating the base model only", cfg.adapters_dir
         )
     records, source = load_eval_records(cfg)
+    configure_adapter_cache(cfg)  # adapters in a bucket are downloaded into cfg's cache
     engine, models = build_engine(adapter_dirs, cfg.model, cfg.data.system_prompt)
     if not e.include_base:
         models = models[1:]

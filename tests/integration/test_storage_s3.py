@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytestmark = pytest.mark.integration
+# Slow on a shared 2-core machine: a whole pipeline plus a training run twice.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "tinyqa-test"
