@@ -29,6 +29,7 @@ SMALL = [
     "train.save_steps=10",
     "eval.max_questions=12",
     "serve.max_replicas=1",
+    "tune.scheduler=none",
 ]
 
 

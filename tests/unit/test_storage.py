@@ -163,3 +163,17 @@ def test_remote_adapter_lookup_and_errors(s3, tmp_path):
         catalog.select("good")
     assert err.value.status == 503 and err.value.code == "storage_unavailable"
     assert f"{BUCKET}/runs/adapters" in err.value.message
+
+
+def test_local_storage_does_not_load_pyarrow():
+    """Only a cloud URI pays for pyarrow: the ingress and `tinyqa --help` on local storage stay light."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tinyqa.config import load_config; from tinyqa import adapters; "
+        "cfg = load_config(None, ['storage_path=/tmp/x']); adapters.list_adapters(cfg.adapters_dir); "
+        "print('pyarrow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
