@@ -38,8 +38,10 @@ def s3_cluster(ray_cluster_factory, s3_server_factory):
     """A moto S3 server with a bucket, and a Ray cluster started after AWS_* point at it (its
     workers and replicas inherit the environment)."""
     server = s3_server_factory()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
+    # Ray's 60 s wait for its dashboard is too short on a loaded shared machine.
+    extra = {**server.env(), "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
     server.start()
     server.create_bucket(BUCKET)
     cluster = ray_cluster_factory()
