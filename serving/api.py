@@ -19,9 +19,22 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tinyqa.adapters import check_adapter_id, list_adapters, read_manifest, resolve_adapter
+from tinyqa.adapters import (
+    BestFile,
+    check_adapter_id,
+    list_adapters,
+    read_manifest,
+    resolve_adapter,
+)
 from tinyqa.config import ServeSettings
-from tinyqa.errors import AdapterMismatch, ModelError, PromptTooLong, TinyQAError, UnknownAdapter
+from tinyqa.errors import (
+    AdapterMismatch,
+    ModelError,
+    PromptTooLong,
+    StorageError,
+    TinyQAError,
+    UnknownAdapter,
+)
 
 # OpenAI's error "type" values, so OpenAI clients raise the matching exception classes.
 INVALID_REQUEST = "invalid_request_error"
@@ -76,6 +89,8 @@ class ApiError(Exception):
             return cls(413, str(e), "prompt_too_long")
         if isinstance(e, UnknownAdapter | AdapterMismatch):
             return cls(404, str(e), "model_not_found", NOT_FOUND)
+        if isinstance(e, StorageError):  # cloud storage down or slow: retry later, not our bug
+            return cls(503, str(e), "storage_unavailable", OVERLOADED, {"Retry-After": "5"})
         return cls(400, str(e), "invalid_request")
 
 
@@ -316,6 +331,13 @@ class ModelCatalog:
     base_id: str
     adapter_root: Path
     default_adapter: str | None
+    best: BestFile | None = None  # when set, best.json's adapter replaces the default (TTL)
+
+    def current_default(self) -> str | None:
+        """The default adapter now: best.json's (re-read after its TTL) when it may change."""
+        if self.best is not None:
+            self.default_adapter = self.best.adapter_id()
+        return self.default_adapter
 
     def select(self, name: str | None) -> str | None:
         """The adapter id for a request's ``adapter`` / ``model`` (None = the base model).
@@ -325,7 +347,7 @@ class ModelCatalog:
         reach the filesystem) and 404 for an unknown adapter — never a silent fallback.
         """
         if name is None:
-            return self.default_adapter
+            return self.current_default()
         if name == self.base_id:
             return None
         try:
@@ -336,6 +358,8 @@ class ModelCatalog:
             resolve_adapter(self.adapter_root, name, self.base_id)
         except ModelError as e:  # unknown, trained on another base, or a broken folder
             raise ApiError(404, str(e), "model_not_found", NOT_FOUND) from e
+        except StorageError as e:
+            raise ApiError.from_model_error(e) from e
         return name
 
     def adapters(self) -> list[str]:
@@ -353,11 +377,13 @@ class ModelCatalog:
     def model_list(self) -> dict[str, Any]:
         """``GET /v1/models`` in OpenAI's list format."""
         created = int(time.time())
+        self.current_default()
+        try:
+            adapters = self.adapters()
+        except StorageError as e:
+            raise ApiError.from_model_error(e) from e
         data = [_model_card(self.base_id, created, None, self.default_adapter is None)]
-        data += [
-            _model_card(a, created, self.base_id, a == self.default_adapter)
-            for a in self.adapters()
-        ]
+        data += [_model_card(a, created, self.base_id, a == self.default_adapter) for a in adapters]
         return {"object": "list", "data": data}
 
 

@@ -52,7 +52,7 @@ from serving.api import (
     sse,
     usage,
 )
-from tinyqa.adapters import ServingPlan
+from tinyqa.adapters import BestFile, ServingPlan
 from tinyqa.config import build_config
 
 # Serve writes the "ray.serve" logger to the replica log files; a child logger goes there too.
@@ -149,7 +149,13 @@ class QAIngress:
         self.model = model
         self.api_key = api_key
         served = ServingPlan.from_dict(plan)
-        self.catalog = ModelCatalog(served.base_id, served.adapter_root, served.default_adapter)
+        best = served.best_file
+        self.catalog = ModelCatalog(
+            served.base_id,
+            served.adapter_root,
+            served.default_adapter,
+            BestFile(best, self.cfg.serve.best_ttl_s, served.default_adapter) if best else None,
+        )
 
     # ----- helpers -----
     def _authorize(self, request: Request) -> None:

@@ -18,7 +18,7 @@ import torch
 from ray import serve
 
 from serving.api import ApiError
-from tinyqa.adapters import ServingPlan
+from tinyqa.adapters import ServingPlan, configure_adapter_cache
 from tinyqa.config import build_config
 from tinyqa.errors import TinyQAError
 from tinyqa.inference import GenerationRequest, QAEngine
@@ -57,6 +57,7 @@ class QAModel:
         # Plain dicts cross the Ray boundary; validated again here, on the replica's side.
         self.cfg = build_config(config, "QAModel config")
         self.plan = ServingPlan.from_dict(plan)
+        configure_adapter_cache(self.cfg)
         s = self.cfg.serve
         self.device, self.quantization = _device_and_quantization(s.quantization)
         self.engine = QAEngine(

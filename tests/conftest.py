@@ -62,3 +62,93 @@ def adapter_helpers():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class S3Server:
+    """A local S3 API (moto's standalone server) on 127.0.0.1, stoppable and restartable on the
+    same port (the fault tests stop it mid-run)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def env(self) -> dict[str, str]:
+        # Fake credentials for the fake server; the region keeps the SDK from asking IMDS.
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def create_bucket(self, name: str) -> None:
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(
+            endpoint_override=f"127.0.0.1:{self.port}",
+            scheme="http",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
+        fs.create_dir(name)
+
+    def reset(self) -> None:
+        """Forget every bucket: moto keeps its state per process, across server restarts."""
+        import urllib.request
+
+        urllib.request.urlopen(
+            urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"), timeout=10
+        ).close()
+
+    def keys(self, bucket: str) -> list[str]:
+        """Every object key in ``bucket``, sorted."""
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(
+            endpoint_override=f"127.0.0.1:{self.port}", scheme="http", region="us-east-1"
+        )
+        infos = fs.get_file_info(pafs.FileSelector(bucket, recursive=True))
+        return sorted(
+            i.path.removeprefix(bucket + "/") for i in infos if i.type == pafs.FileType.File
+        )
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A running moto S3 server with bucket ``tinyqa-test``; the AWS_* variables point at it for
+    this test (and for the Ray clusters it starts, which inherit the environment)."""
+    server = S3Server()
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    server.start()
+    server.create_bucket("tinyqa-test")
+    try:
+        yield server
+    finally:
+        if server._server is None:
+            server.start()
+        server.reset()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server_factory():
+    """:class:`S3Server` itself, for fixtures of a wider scope than :func:`s3`."""
+    return S3Server

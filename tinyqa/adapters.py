@@ -6,7 +6,9 @@ model stack (``tests/unit/test_imports.py`` keeps it that way). Loading an adapt
 :mod:`tinyqa.model`'s business.
 
 An adapter folder is ``<storage>/<experiment>/adapters/<adapter_id>/`` holding the PEFT adapter,
-the tokenizer and the manifest ``tinyqa.json``. Requests and configs name adapters by id, never by
+the tokenizer and the manifest ``tinyqa.json``. On cloud storage the folder is a
+:class:`~tinyqa.storage.RemotePath` (read through the same calls) whose manifest is uploaded last,
+so a folder without its manifest is treated as absent; :func:`fetch_adapter` gives a local copy. Requests and configs name adapters by id, never by
 path: an id is checked against :data:`~tinyqa.config.NAME_PATTERN` before it touches the
 filesystem.
 """
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tinyqa.config import NAME_PATTERN, ModelSettings, TinyQAConfig
 from tinyqa.errors import AdapterMismatch, ModelError, UnknownAdapter
+from tinyqa.storage import FolderCache, Location, RemotePath, StorageOptions, location
 
 MANIFEST = "tinyqa.json"
 BEST_FILE = "best.json"
@@ -38,9 +42,9 @@ def check_adapter_id(adapter_id: str) -> str:
     return adapter_id
 
 
-def read_manifest(adapter_dir: Path) -> dict[str, Any]:
+def read_manifest(adapter_dir: Location) -> dict[str, Any]:
     """Validate an adapter folder and return its manifest; raises :class:`ModelError`."""
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = location(adapter_dir)
     missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
     if missing:
         raise ModelError(
@@ -58,16 +62,20 @@ def base_settings_from_manifest(manifest: dict[str, Any]) -> ModelSettings:
     return ModelSettings.model_validate(manifest["config"]["model"])
 
 
-def list_adapters(adapter_root: Path | None) -> list[str]:
+def list_adapters(adapter_root: Location | None) -> list[str]:
     """Adapter ids (folder names with a manifest) under the root, sorted."""
-    if adapter_root is None or not Path(adapter_root).is_dir():
+    if adapter_root is None or not location(adapter_root).is_dir():
         return []
     return sorted(
-        p.name for p in Path(adapter_root).iterdir() if p.is_dir() and (p / MANIFEST).is_file()
+        p.name
+        for p in location(adapter_root).iterdir()
+        if not p.name.startswith(".") and (p / MANIFEST).is_file()
     )
 
 
-def resolve_adapter(adapter_root: Path | None, adapter_id: str, base_id: str | None = None) -> Path:
+def resolve_adapter(
+    adapter_root: Location | None, adapter_id: str, base_id: str | None = None
+) -> Location:
     """The folder of adapter ``adapter_id`` under the root, checked before any filesystem access.
 
     The id is validated against the adapter-id pattern first, so ``../x``, ``/etc`` or ``a/b``
@@ -75,7 +83,7 @@ def resolve_adapter(adapter_root: Path | None, adapter_id: str, base_id: str | N
     (no such adapter) or :class:`AdapterMismatch` (trained on another base than ``base_id``).
     """
     check_adapter_id(adapter_id)
-    path = Path(adapter_root) / adapter_id if adapter_root else None
+    path = location(adapter_root) / adapter_id if adapter_root else None
     if path is None or not (path / MANIFEST).is_file():
         available = ", ".join(list_adapters(adapter_root)) or "none"
         raise UnknownAdapter(f"unknown adapter {adapter_id!r}; available: {available}")
@@ -89,7 +97,7 @@ def resolve_adapter(adapter_root: Path | None, adapter_id: str, base_id: str | N
     return path
 
 
-def locate_adapter(cfg: TinyQAConfig, ref: str) -> Path:
+def locate_adapter(cfg: TinyQAConfig, ref: str) -> Location:
     """The folder a user's ``--adapter`` / ``eval.adapters`` entry names: an adapter id under
     ``cfg.adapters_dir`` first, else an adapter folder path. Raises :class:`ModelError` /
     :class:`UnknownAdapter`.
@@ -99,7 +107,7 @@ def locate_adapter(cfg: TinyQAConfig, ref: str) -> Path:
     """
     if _ADAPTER_ID_RE.match(ref) and (cfg.adapters_dir / ref / MANIFEST).is_file():
         return cfg.adapters_dir / ref
-    path = Path(ref).expanduser()
+    path = location(ref, cfg.storage)
     if path.is_dir():
         read_manifest(path)  # names the missing files when it is not an adapter folder
         return path.resolve()
@@ -110,9 +118,9 @@ def locate_adapter(cfg: TinyQAConfig, ref: str) -> Path:
     )
 
 
-def read_best(run_dir: Path) -> dict | None:
+def read_best(run_dir: Location) -> dict | None:
     """The sweep's ``best.json`` under a run folder, or None."""
-    path = Path(run_dir) / BEST_FILE
+    path = location(run_dir) / BEST_FILE
     if not path.is_file():
         return None
     try:
@@ -121,7 +129,7 @@ def read_best(run_dir: Path) -> dict | None:
         raise ModelError(f"{path}: not valid JSON ({e}); rerun `tinyqa tune`") from e
 
 
-def default_adapter_dir(cfg: TinyQAConfig) -> Path | None:
+def default_adapter_dir(cfg: TinyQAConfig) -> Location | None:
     """The adapter ``best.json`` names, else the trained ``cfg.adapter_id`` if it exists, else None.
 
     What ``eval``, ``ask`` and ``chat`` use when no adapter is given (an endpoint also honours
@@ -140,15 +148,72 @@ def default_adapter_dir(cfg: TinyQAConfig) -> Path | None:
     return path if (path / MANIFEST).is_file() else None
 
 
+_CACHES: dict[tuple[Path, int, float], FolderCache] = {}
+_CACHE_CONFIG: list[TinyQAConfig] = []  # set by configure_adapter_cache
+
+
+def configure_adapter_cache(cfg: TinyQAConfig) -> None:
+    """Make :func:`fetch_adapter` use ``cfg``'s cache folder, size and timeout in this process
+    (a Serve replica, an eval run) without passing the config through the engine."""
+    _CACHE_CONFIG[:] = [cfg]
+
+
+def fetch_adapter(adapter_dir: Location, cfg: TinyQAConfig | None = None) -> Path:
+    """A local folder with the adapter's files: ``adapter_dir`` itself when local, else a copy in
+    the node's download cache (``storage.cache_dir``, bounded by ``serve.adapter_cache_bytes``;
+    ``cfg`` else the one given to :func:`configure_adapter_cache`, else the defaults).
+
+    Raises :class:`UnknownAdapter` when the folder has no manifest (absent, or still being
+    uploaded) and :class:`~tinyqa.errors.StorageError` when the store is unreachable or the
+    download times out.
+    """
+    if not isinstance(adapter_dir, RemotePath):
+        return Path(adapter_dir)
+    cfg = cfg or (_CACHE_CONFIG[0] if _CACHE_CONFIG else TinyQAConfig())
+    key = (
+        cfg.cache_dir / "adapters",
+        cfg.serve.adapter_cache_bytes,
+        cfg.storage.download_timeout_s,
+    )
+    cache = _CACHES.get(key) or _CACHES.setdefault(key, FolderCache(*key))
+    try:
+        return cache.get(adapter_dir, MANIFEST)
+    except FileNotFoundError as e:
+        raise UnknownAdapter(f"no adapter at {adapter_dir} (no {MANIFEST} there)") from e
+
+
+class BestFile:
+    """``best.json``'s adapter id, re-read at most every ``ttl_s`` seconds, so an endpoint picks up
+    a new sweep's winner without a redeploy. A read error keeps the last good value."""
+
+    def __init__(self, path: Location, ttl_s: float, current: str | None) -> None:
+        self.path, self.ttl_s = location(path), ttl_s
+        self._value, self._read_at = current, time.monotonic()
+
+    def adapter_id(self) -> str | None:
+        now = time.monotonic()
+        if now - self._read_at >= self.ttl_s:
+            self._read_at = now
+            try:
+                best = read_best(self.path.parent)
+            except Exception:  # storage hiccup or a broken file: keep serving the last default
+                return self._value
+            if best and best.get("adapter_id"):
+                self._value = str(best["adapter_id"])
+        return self._value
+
+
 @dataclass
 class ServingPlan:
     """What an endpoint serves: one base model, the adapters under a root, a default adapter."""
 
     base: ModelSettings
-    adapter_root: Path
+    adapter_root: Location
     default_adapter: str | None  # None = the base model answers by default
     system_prompt: str | None
     reason: str  # how the default was chosen, for the log
+    # The best.json that may change the default later (None when serve.default_adapter pins it).
+    best_file: Location | None = None
 
     @property
     def base_id(self) -> str:
@@ -162,16 +227,25 @@ class ServingPlan:
             "default_adapter": self.default_adapter,
             "system_prompt": self.system_prompt,
             "reason": self.reason,
+            "best_file": str(self.best_file) if self.best_file is not None else None,
+            "storage": asdict(self._options()),
         }
+
+    def _options(self) -> StorageOptions:
+        root = self.adapter_root
+        return root.options if isinstance(root, RemotePath) else StorageOptions()
 
     @classmethod
     def from_dict(cls, data: dict) -> ServingPlan:
+        options = StorageOptions(**data.get("storage", {}))
+        best = data.get("best_file")
         return cls(
             base=ModelSettings.model_validate(data["base"]),
-            adapter_root=Path(data["adapter_root"]),
+            adapter_root=location(data["adapter_root"], options),
             default_adapter=data["default_adapter"],
             system_prompt=data["system_prompt"],
             reason=data["reason"],
+            best_file=location(best, options) if best else None,
         )
 
 
@@ -185,7 +259,8 @@ def serving_plan(cfg: TinyQAConfig) -> ServingPlan:
     """
     root = cfg.adapters_dir
     if cfg.serve.adapter_root:
-        root = Path(cfg.serve.adapter_root).expanduser().resolve()
+        root = location(cfg.serve.adapter_root, cfg.storage)
+    best_file = None if cfg.serve.default_adapter else cfg.run_dir / BEST_FILE
     chosen: str | None = None
     if cfg.serve.default_adapter:
         chosen, reason = cfg.serve.default_adapter, "serve.default_adapter"
@@ -202,6 +277,7 @@ def serving_plan(cfg: TinyQAConfig) -> ServingPlan:
             None,
             cfg.data.system_prompt,
             f"no adapter under {root} (no best.json, no {cfg.adapter_id!r}): serving the base model",
+            best_file,
         )
     try:
         path = resolve_adapter(root, chosen)
@@ -213,4 +289,6 @@ def serving_plan(cfg: TinyQAConfig) -> ServingPlan:
     manifest = read_manifest(path)
     base = base_settings_from_manifest(manifest)
     prompt = manifest["config"]["data"].get("system_prompt")
-    return ServingPlan(base, root, chosen, prompt, f"default adapter {chosen!r} from {reason}")
+    return ServingPlan(
+        base, root, chosen, prompt, f"default adapter {chosen!r} from {reason}", best_file
+    )

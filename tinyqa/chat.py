@@ -22,7 +22,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from tinyqa.adapters import check_adapter_id, default_adapter_dir, locate_adapter
+from tinyqa.adapters import (
+    check_adapter_id,
+    configure_adapter_cache,
+    default_adapter_dir,
+    locate_adapter,
+)
 from tinyqa.config import NAME_PATTERN, TinyQAConfig
 from tinyqa.errors import ModelError, TinyQAError
 from tinyqa.secrets import API_KEY_ENV, resolve_api_key
@@ -56,6 +61,7 @@ class _Local:
         from tinyqa.inference import build_engine
 
         path = locate_adapter(cfg, adapter) if adapter else default_adapter_dir(cfg)
+        configure_adapter_cache(cfg)  # adapters in a bucket are downloaded into cfg's cache
         if path is None:
             logger.warning(
                 "no adapter given and none trained under %s: answering with the base model %s",

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tinyqa.errors import ConfigError, first_line
+from tinyqa.storage import Location, check_uri, location
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -208,6 +209,14 @@ class ServeSettings(_Section):
     ingress_replicas: int = Field(
         1, ge=1, description="Replicas of the light HTTP front deployment."
     )
+    adapter_cache_bytes: int = Field(
+        2 * 1024**3,
+        ge=0,
+        description="Cloud storage: disk budget of each node's adapter download cache (LRU).",
+    )
+    best_ttl_s: float = Field(
+        10.0, ge=0, description="Re-read best.json after this many seconds (no redeploy needed)."
+    )
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeSettings:
@@ -253,6 +262,27 @@ class EvalSettings(_Section):
     )
 
 
+class StorageSettings(_Section):
+    """How to reach an s3:// or gs:// storage_path. Credentials never go here: the cloud SDK reads
+    them from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS),
+    a profile or the instance role."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, a local server); empty = $AWS_ENDPOINT_URL or AWS.",
+    )
+    region: str | None = Field(None, description="Bucket region; empty = $AWS_REGION / default.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to open a connection.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Seconds one request may take.")
+    max_attempts: int = Field(3, ge=1, description="Tries per request before an error.")
+    download_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds to download one adapter into the local cache."
+    )
+    cache_dir: str | None = Field(
+        None, description="Local download cache; empty = $XDG_CACHE_HOME/tinyqa (~/.cache/tinyqa)."
+    )
+
+
 class TinyQAConfig(_Section):
     """The root config: where runs live plus one section per stage."""
 
@@ -260,7 +290,9 @@ class TinyQAConfig(_Section):
         "tinyqa", description="Run name; artifacts go to <storage>/<experiment>/."
     )
     storage_path: str = Field(
-        "./tinyqa_runs", description="Local or shared filesystem path for every artifact."
+        "./tinyqa_runs",
+        description="Where every artifact goes: a local or shared folder, s3://bucket/prefix or "
+        "gs://bucket/prefix (see storage.*).",
     )
     seed: int = Field(42, description="Seed for training and generation.")
     ray_address: str | None = Field(
@@ -273,6 +305,7 @@ class TinyQAConfig(_Section):
     tune: TuneSettings = Field(default_factory=TuneSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
 
     @field_validator("experiment")
     @classmethod
@@ -282,29 +315,38 @@ class TinyQAConfig(_Section):
     @field_validator("storage_path")
     @classmethod
     def _storage(cls, v: str) -> str:
-        if "://" in v and not v.startswith("file://"):
-            raise ValueError(
-                "tinyqa writes adapters, tables and plots with plain file IO: use a local path or a "
-                "shared filesystem mounted on every node (e.g. NFS/EFS at /mnt/tinyqa)"
-            )
-        return v.removeprefix("file://")
+        return check_uri(v)
 
     # ----- derived paths (never globbed: every name is chosen here) -----
+    # A local storage_path gives Paths; s3:// / gs:// gives tinyqa.storage.RemotePath, which reads
+    # like a Path and is written through tinyqa.storage.
     @property
-    def run_dir(self) -> Path:
-        return Path(self.storage_path).expanduser().resolve() / self.experiment
+    def storage_root(self) -> Location:
+        return location(self.storage_path, self.storage)
 
     @property
-    def data_dir(self) -> Path:
+    def run_dir(self) -> Location:
+        return self.storage_root / self.experiment
+
+    @property
+    def data_dir(self) -> Location:
         return self.run_dir / "data"
 
     @property
-    def adapters_dir(self) -> Path:
+    def adapters_dir(self) -> Location:
         return self.run_dir / "adapters"
 
     @property
-    def ray_storage(self) -> Path:
+    def ray_storage(self) -> Location:
         return self.run_dir / "ray"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Local cache of downloads from cloud storage (adapters, prepared data)."""
+        if self.storage.cache_dir:
+            return Path(self.storage.cache_dir).expanduser().resolve()
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base).expanduser().resolve() / "tinyqa"
 
     @property
     def adapter_id(self) -> str:

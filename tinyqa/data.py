@@ -18,7 +18,7 @@ from typing import Any
 
 from tinyqa.config import DataSettings, TinyQAConfig
 from tinyqa.errors import DatasetError, StorageError
-from tinyqa.fileio import atomic_folder
+from tinyqa.storage import Location, atomic_folder, location
 
 logger = logging.getLogger(__name__)
 
@@ -341,11 +341,12 @@ def prepare_dataset(cfg: TinyQAConfig, tokenizer=None, write: bool = True) -> Pr
     return prepared
 
 
-def write_prepared(prepared: PreparedData, out_dir: Path) -> None:
-    """Write the splits and stats into ``out_dir``, replacing it as a whole (atomically)."""
-    out_dir = Path(out_dir)
+def write_prepared(prepared: PreparedData, out_dir: Location) -> None:
+    """Write the splits and stats into ``out_dir``, replacing it as a whole (atomically; on cloud
+    storage ``stats.json`` is uploaded last and marks the folder complete)."""
+    out_dir = location(out_dir)
     try:
-        with atomic_folder(out_dir) as tmp:
+        with atomic_folder(out_dir, STATS_FILE) as tmp:
             for split, rows in (("train", prepared.train), ("eval", prepared.eval)):
                 with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
                     for row in rows:
@@ -357,14 +358,14 @@ def write_prepared(prepared: PreparedData, out_dir: Path) -> None:
         ) from e
 
 
-def read_prepared(data_dir: Path) -> PreparedData:
-    """Read splits written by :func:`prepare_dataset`."""
-    data_dir = Path(data_dir)
+def read_prepared(data_dir: Location) -> PreparedData:
+    """Read splits written by :func:`prepare_dataset` (a local folder or a cloud prefix)."""
+    data_dir = location(data_dir)
     if not (data_dir / STATS_FILE).is_file():
         raise DatasetError(str(data_dir), ["no prepared data here; run `tinyqa prepare` first"])
     splits = {}
     for split in SPLITS:
-        with open(data_dir / f"{split}.jsonl", encoding="utf-8") as f:
-            splits[split] = [json.loads(line) for line in f if line.strip()]
+        text = (data_dir / f"{split}.jsonl").read_text(encoding="utf-8")
+        splits[split] = [json.loads(line) for line in text.splitlines() if line.strip()]
     stats = json.loads((data_dir / STATS_FILE).read_text())
     return PreparedData(train=splits["train"], eval=splits["eval"], stats=stats)

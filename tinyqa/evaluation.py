@@ -22,6 +22,7 @@ import numpy as np
 
 from tinyqa.adapters import (
     base_settings_from_manifest,
+    configure_adapter_cache,
     default_adapter_dir,
     locate_adapter,
     read_manifest,
@@ -29,7 +30,6 @@ from tinyqa.adapters import (
 from tinyqa.config import TinyQAConfig
 from tinyqa.data import QARecord, build_messages, load_records, prepare_dataset, read_prepared
 from tinyqa.errors import DatasetError, ModelError, StorageError, TinyQAError
-from tinyqa.fileio import write_json, write_text
 from tinyqa.inference import BASE_LABEL, EngineModel, GenerationRequest, QAEngine, build_engine
 from tinyqa.metrics import (
     CONFIDENCE,
@@ -39,6 +39,7 @@ from tinyqa.metrics import (
     bootstrap,
     word_count,
 )
+from tinyqa.storage import location, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ def run_eval(cfg: TinyQAConfig) -> EvalResult:
             "no adapter found under %s: evaluating the base model only", cfg.adapters_dir
         )
     records, source = load_eval_records(cfg)
+    configure_adapter_cache(cfg)  # adapters in a bucket are downloaded into cfg's cache
     engine, models = build_engine(adapter_dirs, cfg.model, cfg.data.system_prompt)
     if not e.include_base:
         models = models[1:]
@@ -360,7 +362,9 @@ def evaluate_adapter_dir(
     if not records:
         raise TinyQAError("evaluate_adapter_dir: no records to answer; give at least one question")
     manifest = read_manifest(adapter_dir)
-    engine, models = build_engine([Path(adapter_dir)], base_settings_from_manifest(manifest), None)
+    engine, models = build_engine(
+        [location(adapter_dir)], base_settings_from_manifest(manifest), None
+    )
     model = models[1]
     answers = _answer_all(engine, model, records, max_new_tokens, batch_size)
     scored, _ = ScoredAnswers.from_answers([a.text for a in answers], records)

@@ -25,7 +25,12 @@ from pathlib import Path
 
 import torch
 
-from tinyqa.adapters import base_settings_from_manifest, read_manifest, resolve_adapter
+from tinyqa.adapters import (
+    base_settings_from_manifest,
+    fetch_adapter,
+    read_manifest,
+    resolve_adapter,
+)
 from tinyqa.config import ModelSettings
 from tinyqa.errors import AdapterMismatch, ModelError, PromptTooLong, TinyQAError
 from tinyqa.model import (
@@ -35,6 +40,7 @@ from tinyqa.model import (
     load_base_model,
     load_tokenizer,
 )
+from tinyqa.storage import location
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +82,7 @@ class QAEngine:
         extra_adapters: dict[str, Path] | None = None,
     ):
         self.model_settings = model
-        self.adapter_root = Path(adapter_root) if adapter_root else None
+        self.adapter_root = location(adapter_root) if adapter_root else None
         self.max_adapters = max_adapters
         self.system_prompt = system_prompt
         self.tokenizer = load_tokenizer(model)
@@ -86,7 +92,7 @@ class QAEngine:
         self.model.config.use_cache = True
         self.device = next(self.model.parameters()).device
         self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter id -> PEFT adapter name
-        self._extra = {k: Path(v) for k, v in (extra_adapters or {}).items()}
+        self._extra = {k: location(v) for k, v in (extra_adapters or {}).items()}
         self._lock = threading.RLock()
         self._tok_lock = threading.Lock()
         self._names_used = 0
@@ -96,7 +102,7 @@ class QAEngine:
     @classmethod
     def for_adapter_dir(cls, adapter_dir: Path, **kwargs) -> tuple[QAEngine, str]:
         """An engine on the base model an adapter folder was trained from, with that adapter."""
-        adapter_dir = Path(adapter_dir)
+        adapter_dir = location(adapter_dir)
         manifest = read_manifest(adapter_dir)
         name = manifest.get("adapter_id") or adapter_dir.name
         engine = cls(
@@ -114,10 +120,11 @@ class QAEngine:
         return self.model_settings.name
 
     def adapter_path(self, adapter_id: str) -> Path:
-        """Resolve an adapter id under the root; raises ModelError / UnknownAdapter."""
+        """Resolve an adapter id under the root, as a local folder (one in cloud storage is
+        downloaded into the cache first); raises ModelError / UnknownAdapter / StorageError."""
         if adapter_id in self._extra:
-            return self._extra[adapter_id]
-        return resolve_adapter(self.adapter_root, adapter_id)
+            return fetch_adapter(self._extra[adapter_id])
+        return fetch_adapter(resolve_adapter(self.adapter_root, adapter_id))
 
     def _ensure_loaded(self, adapter_id: str) -> str:
         """Load ``adapter_id`` if needed (LRU-evicting one past the cap); its PEFT name."""

@@ -16,8 +16,8 @@ import torch
 from tinyqa.adapters import MANIFEST, read_manifest
 from tinyqa.config import LoraSettings, ModelSettings
 from tinyqa.errors import ModelError, first_line
-from tinyqa.fileio import atomic_folder
 from tinyqa.presets import PRESETS, ZEPHYR_TEMPLATE, preset_dir
+from tinyqa.storage import Location, atomic_folder, location
 
 logger = logging.getLogger(__name__)
 
@@ -181,11 +181,12 @@ def apply_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
         raise ModelError(f"cannot apply LoRA: {first_line(e)}; check lora.target_modules") from e
 
 
-def save_adapter(model, tokenizer, out_dir: Path, manifest: dict[str, Any]) -> Path:
+def save_adapter(model, tokenizer, out_dir: Location, manifest: dict[str, Any]) -> Location:
     """Write adapter weights, tokenizer and manifest into ``out_dir`` atomically (a complete
-    folder replaces the old one, or nothing changes)."""
-    out_dir = Path(out_dir)
-    with atomic_folder(out_dir) as tmp:
+    folder replaces the old one, or nothing changes). On cloud storage the folder is saved
+    locally, then uploaded with the manifest last (see :func:`tinyqa.storage.atomic_folder`)."""
+    out_dir = location(out_dir)
+    with atomic_folder(out_dir, MANIFEST) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

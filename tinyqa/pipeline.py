@@ -20,8 +20,8 @@ from typing import Any
 
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import ConfigError, TinyQAError, first_line
-from tinyqa.fileio import write_json
 from tinyqa.secrets import resolve_api_key
+from tinyqa.storage import location, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,9 @@ def _still_valid(
             cfg.adapters_dir / s.get("best_adapter", "?")
         ).is_dir()
     if stage == "eval":
-        return all(Path(p).is_file() for p in s.get("paths", {}).values()) and bool(s.get("paths"))
+        return all(
+            location(p, cfg.storage).is_file() for p in s.get("paths", {}).values()
+        ) and bool(s.get("paths"))
     if stage == "serve":
         return _healthy(s.get("url"))
     return False  # query: cheap, always asks the live endpoint again

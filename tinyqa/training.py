@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from tinyqa.config import TinyQAConfig, build_config
 from tinyqa.errors import StorageError, TinyQAError, last_line
+from tinyqa.storage import check_writable, is_remote, ray_storage
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
@@ -95,6 +96,9 @@ def run_name(cfg: TinyQAConfig, prefix: str = "train") -> str:
 
 def check_storage(cfg: TinyQAConfig) -> None:
     """Fail early (before Ray starts) when the storage path cannot be written."""
+    if is_remote(cfg.run_dir):
+        check_writable(cfg.run_dir)
+        return
     root = Path(cfg.storage_path).expanduser()
     try:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -336,6 +340,7 @@ def build_trainer(
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
     loop_config: dict[str, Any] = {"config": cfg.to_dict()}
+    ray_path, ray_fs = ray_storage(storage_path or cfg.ray_storage)
     if extra_callbacks:
         loop_config[EXTRA_CALLBACKS_KEY] = list(extra_callbacks)
     return TorchTrainer(
@@ -346,7 +351,8 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=name or run_name(cfg),
-            storage_path=str(storage_path or cfg.ray_storage),
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": worker_env()},

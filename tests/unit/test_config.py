@@ -42,7 +42,8 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
         (["model.quantization=fp4"], "model.quantization"),
         (["train.eval_steps=10", "train.save_steps=15"], "must be a multiple of eval_steps"),
         (["experiment=../etc"], "experiment name '../etc' must match"),
-        (["storage_path=s3://bucket/x"], "shared filesystem"),
+        (["storage_path=ftp://bucket/x"], "scheme 'ftp://' is not supported"),
+        (["storage_path=s3://"], "names no bucket"),
         (["lora.target_modules=[]"], "give at least one module name"),
         (["train"], "is not key=value"),
         (["train.epochs.x=1"], "train.epochs: Input should be a valid number"),
@@ -111,3 +112,22 @@ def test_readme_config_reference_is_in_sync(repo_root):
     assert config_reference_markdown() in (repo_root / "README.md").read_text(), (
         "README config reference is stale; run `python -m tinyqa.config README.md`"
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("s3://bucket/runs/", "s3://bucket/runs"),
+        ("gs://bucket", "gs://bucket"),
+        ("file:///tmp/x", "/tmp/x"),
+    ],
+)
+def test_cloud_storage_paths_accepted(value, expected):
+    from tinyqa.storage import RemotePath
+
+    cfg = load_config(None, [f"storage_path={value}", "storage.region=eu-west-1"])
+    assert cfg.storage_path == expected
+    if value.startswith(("s3", "gs")):
+        assert isinstance(cfg.run_dir, RemotePath)
+        assert str(cfg.adapters_dir) == f"{expected}/tinyqa/adapters"
+        assert cfg.run_dir.options.region == "eu-west-1"

@@ -53,6 +53,7 @@ def _heavy_loaded(module: str) -> set[str]:
         ("tinyqa.secrets", set()),
         ("tinyqa.errors", set()),
         ("tinyqa.config", set()),
+        ("tinyqa.storage", set()),
         ("tinyqa.chat", set()),  # `chat --endpoint` is an HTTP client: no model stack
         ("serving.api", set()),
         ("serving.deploy", {"ray"}),  # `tinyqa serve --shutdown` needs no model

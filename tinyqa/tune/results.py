@@ -15,7 +15,7 @@ from tinyqa.adapters import BEST_FILE, read_manifest
 from tinyqa.cluster import ray_error_summary
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import ModelError, TinyQAError
-from tinyqa.fileio import write_file, write_json, write_text
+from tinyqa.storage import write_file, write_json, write_text
 from tinyqa.tune.space import COMPLETION_KEY, scheduler_metric, sweep_mode
 from tinyqa.tune.trial import experiment_dir, trial_adapter_id
 

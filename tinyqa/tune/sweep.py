@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from typing import Any
 
 from tinyqa.cluster import connect, early_stopping_problem, plan_concurrency, trial_resources
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import ConfigError
-from tinyqa.fileio import write_json
+from tinyqa.storage import ray_storage, remove_tree, write_json
 from tinyqa.tune.results import (
     BEST_FILE,
     PLOT_PNG,
@@ -78,7 +77,7 @@ def _remove_outputs(cfg: TinyQAConfig) -> None:
     """Start over: the Tune experiment, its trials' Train runs and the previous sweep's outputs."""
     if tune_dir(cfg).exists():
         logger.info("fresh sweep: removing %s", tune_dir(cfg))
-        shutil.rmtree(tune_dir(cfg))
+        remove_tree(tune_dir(cfg))
     for name in (RESULTS_CSV, SUMMARY_MD, PLOT_PNG, BEST_FILE):
         (cfg.run_dir / name).unlink(missing_ok=True)
 
@@ -164,7 +163,8 @@ def run_sweep(cfg: TinyQAConfig, fresh: bool = False) -> SweepResult:
 
     connect(cfg)
     concurrency = plan_concurrency(cfg, n_trials)
-    restored = not fresh and tune.Tuner.can_restore(str(exp_dir))
+    exp_path, exp_fs = ray_storage(exp_dir)
+    restored = not fresh and tune.Tuner.can_restore(exp_path, storage_filesystem=exp_fs)
     notes: list[str] = []
     if cfg.tune.scheduler == "asha" and (problem := early_stopping_problem()) is not None:
         note = (
@@ -196,7 +196,11 @@ def run_sweep(cfg: TinyQAConfig, fresh: bool = False) -> SweepResult:
     if restored:
         logger.info("resuming the sweep in %s (finished trials are kept)", exp_dir)
         tuner = tune.Tuner.restore(
-            str(exp_dir), trainable=trial_fn, resume_unfinished=True, restart_errored=True
+            exp_path,
+            trainable=trial_fn,
+            resume_unfinished=True,
+            restart_errored=True,
+            storage_filesystem=exp_fs,
         )
     else:
         tune_dir(cfg).mkdir(parents=True, exist_ok=True)
@@ -211,7 +215,8 @@ def run_sweep(cfg: TinyQAConfig, fresh: bool = False) -> SweepResult:
             ),
             run_config=tune.RunConfig(
                 name=EXPERIMENT,
-                storage_path=str(tune_dir(cfg)),
+                storage_path=ray_storage(tune_dir(cfg))[0],
+                storage_filesystem=ray_storage(tune_dir(cfg))[1],
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
             ),
         )

@@ -80,7 +80,7 @@ def _absolute_paths(cfg: TinyQAConfig) -> dict[str, Any]:
     """The config as a dict with its local paths made absolute: Tune runs trials in their own
     folders, where a relative storage path or model folder would point elsewhere."""
     data = cfg.to_dict()
-    data["storage_path"] = str(Path(cfg.storage_path).expanduser().resolve())
+    data["storage_path"] = str(cfg.storage_root)
     if cfg.data.path:
         data["data"]["path"] = str(Path(cfg.data.path).expanduser().resolve())
     model = Path(cfg.model.name).expanduser()
