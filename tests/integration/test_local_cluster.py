@@ -75,14 +75,16 @@ def tinyqa_cluster():
         "RAY_agent_register_timeout_ms": "240000",
     }
     env.pop("RAY_ADDRESS", None)
-    started = _run(
-        f"""
+    code = f"""
         from tinyqa.cluster import start_local_cluster
         start_local_cluster(1, port={port}, temp_dir={temp_dir!r}, dashboard_port={free_port()},
                             client_port={free_port()}, agent_port={free_port()})
-        """,
-        env,
-    )
+        """
+    started = _run(code, env)
+    if started.returncode != 0 and "timed out during startup" in started.stderr:
+        # Seen only when the shared machine is swamped (load average ~100): the raylet gives up
+        # on an agent that needs minutes to import. One more try, not a silent skip.
+        started = _run(code, env)
     try:
         assert started.returncode == 0, started.stderr[-3000:]
         yield temp_dir, port, env
