@@ -249,7 +249,9 @@ def start_local_cluster(num_cpus: int | None = None, **ports_and_dirs: int | str
     token = ensure_auth_token()
     cmd = local_cluster_command(num_cpus, **ports_and_dirs)
     env = {**os.environ, **worker_env(), **_LOCAL_ONLY_ENV}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    # Generous: on a busy machine Ray's agents alone take minutes to import (measured under a
+    # load average of ~100 on 2 cores); a start killed half-way leaves a half-started cluster.
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise TinyQAError(

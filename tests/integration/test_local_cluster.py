@@ -69,10 +69,6 @@ def tinyqa_cluster():
     env = {
         **os.environ,
         "RAY_AUTH_TOKEN_PATH": token,
-        # On the shared 2-core test machine (load 50-100 measured) the agents take more than
-        # Ray's default wait to import; give the node time rather than fail the start.
-        "RAY_raylet_start_wait_time_s": "240",
-        "RAY_agent_register_timeout_ms": "240000",
     }
     env.pop("RAY_ADDRESS", None)
     code = f"""
@@ -80,22 +76,27 @@ def tinyqa_cluster():
         start_local_cluster(1, port={port}, temp_dir={temp_dir!r}, dashboard_port={free_port()},
                             client_port={free_port()}, agent_port={free_port()})
         """
-    started = _run(code, env)
-    if started.returncode != 0 and "timed out during startup" in started.stderr:
-        # Seen only when the shared machine is swamped (load average ~100): the raylet gives up
-        # on an agent that needs minutes to import. One more try, not a silent skip.
-        started = _run(code, env)
+    for _ in range(3):
+        started = _run(code, env, timeout=700)
+        if started.returncode == 0 or "timed out during startup" not in started.stderr:
+            break
+        # Ray waits a fixed 30 s for the raylet to register (ray/_private/node.py); seen to fail
+        # only when the shared machine is swamped (load average ~100) and the agents take longer
+        # to import. Clean up and try again; the last failure stands.
+        _kill(temp_dir, port)
     try:
         assert started.returncode == 0, started.stderr[-3000:]
         yield temp_dir, port, env
     finally:
-        for sig in ("terminate", "kill"):
-            for pid in _cluster_pids(temp_dir, port):
-                with contextlib.suppress(psutil.Error):
-                    getattr(psutil.Process(pid), sig)()
-            psutil.wait_procs(
-                [p for p in map(_proc, _cluster_pids(temp_dir, port)) if p], timeout=10
-            )
+        _kill(temp_dir, port)
+
+
+def _kill(temp_dir: str, port: int) -> None:
+    for sig in ("terminate", "kill"):
+        for pid in _cluster_pids(temp_dir, port):
+            with contextlib.suppress(psutil.Error):
+                getattr(psutil.Process(pid), sig)()
+        psutil.wait_procs([p for p in map(_proc, _cluster_pids(temp_dir, port)) if p], timeout=10)
 
 
 def _proc(pid: int) -> psutil.Process | None:
