@@ -148,3 +148,38 @@ def test_pipeline_job_with_a_missing_dataset_is_one_line_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing.json: file does not exist" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_replacing_an_adapter_folder_never_leaves_its_name_absent(tmp_path):
+    """A reader (a Serve replica loading the adapter) polling the folder during 100 replacements
+    always finds a complete one: Linux swaps old and new in one step."""
+    import threading
+
+    from tinyqa.fileio import _exchange, atomic_folder
+
+    target = tmp_path / "adapters" / "a"
+    with atomic_folder(target) as tmp:
+        (tmp / MANIFEST).write_text("0")
+    assert _exchange(tmp_path / "adapters", tmp_path / "adapters")  # renameat2 works here
+    misses: list[str] = []
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                (target / MANIFEST).read_text()
+            except FileNotFoundError as e:
+                misses.append(str(e))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(1, 101):
+            with atomic_folder(target) as tmp:
+                (tmp / MANIFEST).write_text(str(i))
+    finally:
+        stop.set()
+        thread.join()
+    assert not misses, misses[:3]
+    assert (target / MANIFEST).read_text() == "100"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a"]  # no old or temp left
