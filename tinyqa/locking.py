@@ -25,7 +25,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from tinyqa.config import TinyQAConfig
-from tinyqa.errors import TinyQAError
+from tinyqa.errors import StorageError, TinyQAError
 from tinyqa.fileio import write_json
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,9 @@ def experiment_lock(cfg: TinyQAConfig, command: str) -> Iterator[None]:
     another command holds it."""
     run_dir = cfg.run_dir
     lock_file, holder_file = lock_paths(cfg)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_file))
     try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:
         raise ExperimentBusy(
@@ -69,6 +69,11 @@ def experiment_lock(cfg: TinyQAConfig, command: str) -> Iterator[None]:
             f"{_holder_text(holder_file)}; wait for it to finish (or stop it), or "
             "use another experiment name"
         ) from None
+    except OSError as e:  # after Timeout (an OSError too); check_storage's words
+        raise StorageError(
+            f"storage_path {cfg.storage_path} is not writable ({e.strerror}); choose a folder "
+            "you can write to"
+        ) from e
     try:
         write_json(
             holder_file,
