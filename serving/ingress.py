@@ -121,7 +121,15 @@ def _unavailable(e: BaseException) -> ApiError | None:
             {"Retry-After": "1"},
         )
     if isinstance(e, DeploymentUnavailableError | ReplicaUnavailableError | RayActorError):
-        return ApiError(503, "the model is restarting; retry shortly", "unavailable", OVERLOADED)
+        # A replica that died under this request (chaos test: killed replica): the client may
+        # retry at once; Serve routes the retry to a live replica.
+        return ApiError(
+            503,
+            "the model is restarting; retry shortly",
+            "unavailable",
+            OVERLOADED,
+            {"Retry-After": "1"},
+        )
     return None
 
 

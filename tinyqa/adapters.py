@@ -63,13 +63,17 @@ def base_settings_from_manifest(manifest: dict[str, Any]) -> ModelSettings:
 
 
 def list_adapters(adapter_root: Location | None) -> list[str]:
-    """Adapter ids (folder names with a manifest) under the root, sorted."""
+    """Adapter ids (folder names that are valid ids, with a manifest) under the root, sorted.
+
+    Folders being written (``.name-xxxx.tmp``, see :mod:`tinyqa.fileio`) and old ones waiting to
+    be deleted start with a dot, which no id may: they are never listed.
+    """
     if adapter_root is None or not location(adapter_root).is_dir():
         return []
     return sorted(
         p.name
         for p in location(adapter_root).iterdir()
-        if not p.name.startswith(".") and (p / MANIFEST).is_file()
+        if _ADAPTER_ID_RE.match(p.name) and (p / MANIFEST).is_file()
     )
 
 

@@ -30,11 +30,161 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+# Clusters tinyqa starts listen on the loopback interface only and require Ray's token.
+LOOPBACK = "127.0.0.1"
+# Ray resolves --node-ip-address=127.0.0.1 to the machine's network address unless clusters are
+# "disabled" (its macOS/Windows single-machine mode); with it, the node, GCS and agents keep
+# 127.0.0.1 (ray/_private/services.py resolve_ip_for_localhost / get_node_ip_address).
+_LOCAL_ONLY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+_TOKEN_FILE = Path("~/.ray/auth_token")  # where Ray's own `ray start` / ray.init() look
+
+
+class ClusterAuthError(TinyQAError):
+    """A Ray cluster refused us for its token auth (missing or wrong token); never "no cluster"."""
+
+
+def _is_auth_error(e: BaseException) -> bool:
+    """Whether a failed ``ray.init`` was a token refusal. Ray 2.60 raises ``ConnectionError``
+    ("Failed to connect") from a ``RuntimeError`` whose text carries the GCS client's
+    ``AuthenticationError`` (InvalidAuthToken): look through the whole chain."""
+    from ray.exceptions import AuthenticationError
+
+    seen: BaseException | None = e
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, AuthenticationError):
+            return True
+        text = str(seen)
+        if "AuthenticationError" in text or "InvalidAuthToken" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _auth_detail(e: BaseException) -> str:
+    text = " ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None)
+    return (
+        "InvalidAuthToken: the token is missing or wrong"
+        if "InvalidAuthToken" in text
+        else (ray_error_summary(e))
+    )
+
+
+def _auth_error(address: str, e: BaseException) -> ClusterAuthError:
+    mode = os.environ.get("RAY_AUTH_MODE", "unset")
+    return ClusterAuthError(
+        f"the Ray cluster at {address} refused the connection for token auth (RAY_AUTH_MODE="
+        f"{mode}; {_auth_detail(e)}); give this shell the cluster's token (export "
+        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<its token file>, default ~/.ray/auth_token)"
+    )
+
+
+def ensure_auth_token() -> str:
+    """Make sure Ray finds a token for a cluster we start; returns where it comes from.
+
+    Ray's order: ``RAY_AUTH_TOKEN``, then ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``.
+    When none is set up, a random token is written to ``~/.ray/auth_token`` readable by this
+    user only (Ray's own generator leaves it at the umask's mode, usually world-readable).
+    """
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        if not path.is_file() or not path.read_text().strip():
+            raise ClusterAuthError(
+                f"RAY_AUTH_TOKEN_PATH={path} holds no token; write one there "
+                "(`ray get-auth-token --generate` prints one) or unset RAY_AUTH_TOKEN_PATH"
+            )
+        return str(path)
+    path = _TOKEN_FILE.expanduser()
+    if not (path.is_file() and path.read_text().strip()):
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        logger.info("wrote a new Ray auth token to %s", path)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)  # the token lets its holder run code on the cluster
+    return str(path)
+
+
+def _use_local_only_auth() -> None:
+    """Switch this process to the token mode of the clusters tinyqa starts (Ray reads
+    RAY_AUTH_MODE once into its config; re-reading it is what Ray's own token setup does)."""
+    os.environ.update(_LOCAL_ONLY_ENV)
+    _keep_loopback_here()
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except Exception as e:  # private API: without it, a later ray.init fails loudly, not silently
+        logger.debug("could not refresh Ray's config for token auth: %s", e)
+
+
+def _keep_loopback(address: str) -> None:
+    """A driver joining a cluster on 127.0.0.1 must not let Ray swap that for the machine's
+    network address (the cluster does not listen there): same switch as the cluster's."""
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    if address == "auto":
+        try:
+            from ray._private.utils import read_ray_address
+
+            host = (read_ray_address() or "").rsplit(":", 1)[0]
+        except Exception:  # private API; without it "auto" behaves as in plain Ray
+            return
+    if host in (LOOPBACK, "localhost", "::1"):
+        _keep_loopback_here()
+
+
+def _keep_loopback_here() -> None:
+    # Ray reads the switch into a constant when it is imported, and this process may have
+    # imported it already; its children read the variable.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _join(address: str) -> None:
+    """``ray.init(address=…)``, an auth refusal raised as :class:`ClusterAuthError`."""
+    import ray
+
+    _keep_loopback(address)
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except Exception as e:
+        if _is_auth_error(e):
+            raise _auth_error(address, e) from e
+        raise
+
+
+def _join_running_local() -> bool:
+    """Join the cluster ``ray start`` left on this machine: True if joined, False if there is
+    none; an auth refusal is raised, never read as "none"."""
+    import ray
+
+    _keep_loopback("auto")
+    try:
+        ray.init(address="auto", log_to_driver=True)
+    except Exception as e:
+        if _is_auth_error(e):
+            raise _auth_error("auto (the local `ray start` cluster)", e) from e
+        if isinstance(e, (ConnectionError, RuntimeError)):
+            return False
+        raise
+    return True
+
+
 def connect(cfg: TinyQAConfig, num_cpus: int | None = None) -> None:
     """Connect to the configured cluster, or start a local Ray if none is running.
 
     Inside ``ray job submit`` the driver already has ``RAY_ADDRESS``; passing a runtime_env there
-    conflicts with the job's, so none is passed when joining an existing cluster.
+    conflicts with the job's, so none is passed when joining an existing cluster. A local Ray we
+    start listens on 127.0.0.1 only and requires a token. Raises :class:`ClusterAuthError` when
+    a cluster refuses our token (instead of starting a second one).
     """
     import ray
 
@@ -44,62 +194,96 @@ def connect(cfg: TinyQAConfig, num_cpus: int | None = None) -> None:
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         logger.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        _join(address)
         return
-    try:
-        ray.init(address="auto", log_to_driver=True)
+    if _join_running_local():
         logger.info("connected to the running local Ray cluster")
-    except (ConnectionError, RuntimeError):
-        logger.info("no Ray cluster found; starting a local one")
-        # The dashboard (state API) must run: Ray Train's cleanup of a trial that ASHA stopped
-        # finds its placement group through it, or the trial's CPUs are never freed.
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=True,
-            runtime_env={"env_vars": worker_env()},
-            log_to_driver=True,
-        )
+        return
+    logger.info("no Ray cluster found; starting a local one (127.0.0.1 only, token auth)")
+    start_private(num_cpus, log_to_driver=True)
 
 
-def start_local_cluster(num_cpus: int | None = None) -> None:
-    """Start a detached single-node Ray (`ray start --head`) that outlives this process.
+def local_cluster_command(
+    num_cpus: int | None = None,
+    *,
+    port: int | None = None,
+    temp_dir: str | None = None,
+    dashboard_port: int | None = None,
+    client_port: int | None = None,
+    agent_port: int | None = None,
+) -> list[str]:
+    """The `ray start --head` command of a local cluster: every address 127.0.0.1.
 
-    Used when work must survive the command that started it (a Serve endpoint left running). The
-    user stops it with `ray stop`.
+    Ports left None keep Ray's defaults (GCS 6379, dashboard 8265, client 10001, agent 52365).
     """
     import shutil
-    import subprocess
     import sys
 
     venv_ray = Path(sys.executable).with_name("ray")
     ray_bin = str(venv_ray) if venv_ray.is_file() else shutil.which("ray") or "ray"
-    cmd = [ray_bin, "start", "--head", "--disable-usage-stats", "--dashboard-host=127.0.0.1"]
-    if num_cpus:
-        cmd.append(f"--num-cpus={num_cpus}")
-    env = {**os.environ, **worker_env()}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    cmd = [
+        ray_bin,
+        "start",
+        "--head",
+        "--disable-usage-stats",
+        f"--node-ip-address={LOOPBACK}",
+        f"--dashboard-host={LOOPBACK}",
+    ]
+    for flag, value in (
+        ("--port", port),
+        ("--temp-dir", temp_dir),
+        ("--dashboard-port", dashboard_port),
+        ("--ray-client-server-port", client_port),
+        ("--dashboard-agent-listen-port", agent_port),
+        ("--num-cpus", num_cpus),
+    ):
+        if value:
+            cmd.append(f"{flag}={value}")
+    return cmd
+
+
+def start_local_cluster(num_cpus: int | None = None, **ports_and_dirs: int | str | None) -> None:
+    """Start a detached single-node Ray (`ray start --head`) that outlives this process.
+
+    Used when work must survive the command that started it (a Serve endpoint left running). It
+    listens on 127.0.0.1 only and requires Ray's token (:func:`ensure_auth_token`); this process
+    switches to token mode so it can join. ``ports_and_dirs``: see :func:`local_cluster_command`.
+    The user stops it with `ray stop`.
+    """
+    import subprocess
+
+    token = ensure_auth_token()
+    cmd = local_cluster_command(num_cpus, **ports_and_dirs)
+    env = {**os.environ, **worker_env(), **_LOCAL_ONLY_ENV}
+    # Generous: on a busy machine Ray's agents alone take minutes to import (measured under a
+    # load average of ~100 on 2 cores); a start killed half-way leaves a half-started cluster.
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise TinyQAError(
             f"`ray start --head` failed ({tail[0]}); start a cluster yourself (`ray start --head`) "
             "or set ray_address"
         )
-    logger.info("started a local Ray cluster (stop it with `ray stop`)")
+    _use_local_only_auth()
+    logger.info(
+        "started a local Ray cluster on 127.0.0.1 with token auth (token: %s; stop it with "
+        "`ray stop`)",
+        token,
+    )
 
 
 def cluster_running(cfg: TinyQAConfig) -> bool:
-    """Whether an existing cluster is reachable (address, RAY_ADDRESS, or a local `ray start`)."""
+    """Whether an existing cluster is reachable (address, RAY_ADDRESS, or a local `ray start`).
+
+    Raises :class:`ClusterAuthError` when the local cluster refuses our token.
+    """
     import ray
 
     if ray.is_initialized():
         return True
     if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
         return True
-    try:
-        ray.init(address="auto", log_to_driver=True)
-    except (ConnectionError, RuntimeError):
-        return False
-    return True
+    return _join_running_local()
 
 
 def connect_persistent(cfg: TinyQAConfig, num_cpus: int | None = None) -> None:
@@ -112,19 +296,23 @@ def connect_persistent(cfg: TinyQAConfig, num_cpus: int | None = None) -> None:
         connect(cfg)
 
 
-def start_private(num_cpus: int) -> None:
-    """A new in-process local Ray that never joins another cluster on this machine (benchmarks).
+def start_private(num_cpus: int | None, log_to_driver: bool = False) -> None:
+    """A new in-process local Ray that never joins another cluster on this machine: 127.0.0.1
+    only, token auth (Ray generates ``~/.ray/auth_token`` if there is none).
 
     The dashboard runs because Ray Train's cleanup of ASHA-stopped trials needs the state API.
     """
     import ray
 
+    _use_local_only_auth()
     ray.init(
         address="local",
         num_cpus=num_cpus,
         include_dashboard=True,
+        dashboard_host=LOOPBACK,
+        _node_ip_address=LOOPBACK,
         runtime_env={"env_vars": worker_env()},
-        log_to_driver=False,
+        log_to_driver=log_to_driver,
     )
 
 

@@ -14,6 +14,7 @@ imported with :func:`load` only when the command runs. That keeps this table, an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -102,6 +103,8 @@ class Command:
     default_config: str | None = None
     """Import path of a function of the parsed arguments returning the config file used when
     ``--config`` is not given."""
+    locks: bool = False
+    """Writes the experiment: holds its lock (:func:`tinyqa.locking.experiment_lock`) while it runs."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         for a in self.arguments:
@@ -109,7 +112,10 @@ class Command:
 
     def execute(self, cfg: TinyQAConfig, args: argparse.Namespace) -> tuple[int, str | None]:
         """Run the command; returns its exit code and the summary to print (or None)."""
-        result = self.call(load(self.target), cfg, args)
+        from tinyqa.locking import experiment_lock
+
+        with experiment_lock(cfg, self.name) if self.locks else contextlib.nullcontext():
+            result = self.call(load(self.target), cfg, args)
         if self.summary is None:
             return int(result or 0), None
         return 0, self.summary(result, cfg, args)
@@ -236,6 +242,7 @@ COMMANDS: dict[str, Command] = {
             "validate, format and split the dataset",
             "tinyqa.data:prepare_dataset",
             summary=_prepare_summary,
+            locks=True,
         ),
         Command(
             "train",
@@ -245,6 +252,7 @@ COMMANDS: dict[str, Command] = {
             description="Fine-tune one LoRA/QLoRA adapter on Ray Train; writes "
             "<storage>/<experiment>/adapters/<adapter_id>/ with its tinyqa.json manifest.",
             job="train",
+            locks=True,
         ),
         Command(
             "tune",
@@ -262,6 +270,7 @@ COMMANDS: dict[str, Command] = {
             description="Sweep LoRA rank and learning rate on Ray Tune; write results.csv, "
             "sweep.md, sweep.png and best.json under <storage>/<experiment>/.",
             job="tune",
+            locks=True,
         ),
         Command(
             "eval",
@@ -271,6 +280,7 @@ COMMANDS: dict[str, Command] = {
             description="Score the base model and adapters on held-out questions; writes "
             "eval.json, the predictions and eval.md.",
             job="evaluate",
+            locks=True,
         ),
         Command(
             "ask",
@@ -313,6 +323,7 @@ COMMANDS: dict[str, Command] = {
                 *_STAGE_ARGS,
             ),
             default_config="tinyqa.pipeline:demo_config_for",
+            locks=True,
         ),
         Command(
             "pipeline",
@@ -324,6 +335,7 @@ COMMANDS: dict[str, Command] = {
             description="The whole flow on a cluster: prepare -> sweep -> evaluate -> deploy on "
             "Serve -> query. Rerunning resumes: finished stages are skipped.",
             job="pipeline",
+            locks=True,
         ),
         Command(
             "bench",

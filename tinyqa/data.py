@@ -48,6 +48,20 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def dataset_sha256(settings: DataSettings) -> str:
+    """The sha256 of the configured dataset file; raises :class:`DatasetError` (one line) when it
+    cannot be read, so identity checks done before validation fail like validation would."""
+    path = dataset_path(settings)
+    try:
+        return file_sha256(path)
+    except FileNotFoundError as e:
+        raise DatasetError(
+            str(path), ["file does not exist; set data.path to a JSON or JSONL file"]
+        ) from e
+    except OSError as e:
+        raise DatasetError(str(path), [f"cannot be read ({e.strerror}); check the path"]) from e
+
+
 def _read_raw(path: Path) -> list[Any]:
     if not path.is_file():
         raise DatasetError(

@@ -25,6 +25,32 @@ from pathlib import Path
 from typing import Any
 
 _ATTEMPTS = 100  # name collisions among random 8-hex-digit suffixes are practically impossible
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically (renameat2, Linux >= 3.15)
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the platform, libc or file system cannot, and nothing changed then."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # no libc by that name, or glibc < 2.28
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def _temp_name(path: Path) -> Path:
@@ -87,9 +113,11 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; when the block ends without an exception,
     the folder replaces ``path`` (an existing folder there is removed), else it is deleted.
 
-    The old folder is renamed aside before the new one takes its name and deleted after, so it
-    stays intact until the new one is complete; between the two renames ``path`` is briefly
-    absent (a folder cannot be renamed over a non-empty one). Creates the parent folder.
+    The old folder stays intact until the new one is complete. On Linux the two are swapped in
+    one atomic step (``renameat2(RENAME_EXCHANGE)``), so ``path`` is never absent: a Serve
+    replica loading the adapter sees the old folder or the new one. Elsewhere the old folder is
+    renamed aside first, and ``path`` is briefly absent between the two renames (a folder cannot
+    be renamed over a non-empty one). The old folder is deleted last. Creates the parent folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,10 +133,13 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
-        if path.exists():
-            old = _temp_name(path)
-            os.rename(path, old)
-        os.rename(tmp, path)
+        if path.exists() and _exchange(tmp, path):
+            old = tmp  # it now holds the previous folder; the new one took the name in one step
+        else:
+            if path.exists():
+                old = _temp_name(path)
+                os.rename(path, old)
+            os.rename(tmp, path)
     except BaseException:
         if old is not None and not path.exists():
             os.rename(old, path)  # the new folder never arrived: put the old one back

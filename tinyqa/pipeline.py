@@ -88,10 +88,10 @@ def parse_stages(stages: list[str] | None) -> list[str]:
 
 
 def _stage_keys(cfg: TinyQAConfig) -> dict[str, str]:
-    from tinyqa.data import dataset_path, file_sha256
+    from tinyqa.data import dataset_sha256
 
     d = cfg.to_dict()
-    prepare = _hash([d["model"], d["data"], file_sha256(dataset_path(cfg.data))])
+    prepare = _hash([d["model"], d["data"], dataset_sha256(cfg.data)])
     tune = _hash([prepare, d["lora"], d["train"], d["tune"], d["seed"]])
     evaluate = _hash([tune, d["eval"]])
     serve = _hash([tune, d["serve"]])

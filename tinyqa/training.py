@@ -81,7 +81,7 @@ def package_versions() -> dict[str, str]:
 
 def run_name(cfg: TinyQAConfig, prefix: str = "train") -> str:
     """Deterministic Ray run name: same training inputs resume, changed inputs start fresh."""
-    from tinyqa.data import dataset_path, file_sha256
+    from tinyqa.data import dataset_sha256
     from tinyqa.model import resolve_model_path
 
     relevant = {k: cfg.to_dict()[k] for k in ("model", "lora", "data", "train", "seed")}
@@ -89,7 +89,7 @@ def run_name(cfg: TinyQAConfig, prefix: str = "train") -> str:
     relevant["train"].pop("max_failures", None)
     # What the names point at, too: a rebuilt preset or an edited dataset is a new run.
     relevant["model_path"] = resolve_model_path(cfg.model.name)
-    relevant["dataset_sha256"] = file_sha256(dataset_path(cfg.data))
+    relevant["dataset_sha256"] = dataset_sha256(cfg.data)
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
     return f"{prefix}-{cfg.adapter_id}-{digest}"
 

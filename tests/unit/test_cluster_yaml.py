@@ -315,3 +315,105 @@ def test_efs_storage_mounted_on_every_node(config: dict[str, Any]) -> None:
     assert "/mnt/tinyqa" in init
     assert "-v /mnt/tinyqa:/mnt/tinyqa" in config["docker"]["run_options"]
     assert "storage_path: /mnt/tinyqa" in CLUSTER_YAML.read_text()
+
+
+# --------------------------------------------------------------------------
+# Instance credentials: own scoped profiles, IMDSv2 only
+# --------------------------------------------------------------------------
+
+IAM_DIR = CLUSTER_YAML.parent / "docs" / "iam"
+PROFILE_ARN = re.compile(r"^arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+$")
+
+
+def _node_configs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: spec["node_config"] for name, spec in config["available_node_types"].items()}
+
+
+def _policy(name: str) -> list[dict[str, Any]]:
+    import json
+
+    statements = json.loads((IAM_DIR / f"{name}-policy.json").read_text())["Statement"]
+    return [
+        {**s, "Action": [s["Action"]] if isinstance(s["Action"], str) else s["Action"]}
+        for s in statements
+    ]
+
+
+@pytest.mark.parametrize("node", ["head", "worker"])
+def test_every_node_type_requires_imdsv2_and_has_its_own_profile(
+    config: dict[str, Any], node: str
+) -> None:
+    import boto3
+    from botocore.validate import ParamValidator
+
+    name = (
+        config["head_node_type"]
+        if node == "head"
+        else next(k for k in config["available_node_types"] if k != config["head_node_type"])
+    )
+    node_config = _node_configs(config)[name]
+    assert node_config["MetadataOptions"]["HttpTokens"] == "required"
+    assert node_config["MetadataOptions"].get("HttpEndpoint", "enabled") == "enabled"
+    # Ray runs in Docker on the instance: one more network hop to the metadata service.
+    assert node_config["MetadataOptions"]["HttpPutResponseHopLimit"] == 2
+    arn = node_config["IamInstanceProfile"]["Arn"]
+    assert PROFILE_ARN.match(arn), arn
+    assert arn.endswith(f"/tinyqa-ray-{node}")
+    # The node config goes to EC2 RunInstances as is: botocore's own model must accept it.
+    shape = boto3.session.Session(region_name="us-west-2").client("ec2").meta.service_model
+    report = ParamValidator().validate(
+        {**node_config, "MinCount": 1, "MaxCount": 1},
+        shape.operation_model("RunInstances").input_shape,
+    )
+    assert not report.has_errors(), report.generate_report()
+
+
+def test_ray_up_keeps_our_head_profile_instead_of_its_full_access_role(
+    config: dict[str, Any],
+) -> None:
+    """With a profile in the head's node_config, Ray's AWS bootstrap returns before it would
+    create (or attach) ray-autoscaler-v1 with EC2 and S3 full access; no AWS call is made."""
+    from ray.autoscaler._private.aws import config as aws_config
+
+    prepared = _validate_like_ray_up(config)
+    before = copy.deepcopy(prepared)
+    aws_config._configure_iam_role(prepared)
+    assert prepared == before
+    assert aws_config._log_info["head_instance_profile_src"] == "config"
+
+
+def test_instance_profile_policies_are_scoped() -> None:
+    head, worker = _policy("head"), _policy("worker")
+    for statements in (head, worker):
+        for s in statements:
+            assert s["Effect"] == "Allow"
+            for action in s["Action"]:
+                service, verb = action.split(":")
+                assert "*" not in verb, f"wildcard action {action}"
+            resources = [s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"]
+            writes = [a for a in s["Action"] if not a.split(":")[1].startswith("Describe")]
+            if writes and "*" in resources:
+                raise AssertionError(f"{s['Sid']}: {writes} on every resource")
+    # Workers only touch the storage prefix.
+    assert {a.split(":")[0] for s in worker for a in s["Action"]} == {"s3"}
+    for s in worker:
+        resources = [s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"]
+        assert all(r.startswith("arn:aws:s3:::REPLACE-tinyqa-bucket") for r in resources)
+    # The head may terminate / stop only this cluster's instances, and pass only the worker role.
+    by_action: dict[str, list[dict[str, Any]]] = {}
+    for s in head:
+        for action in s["Action"]:
+            by_action.setdefault(action, []).append(s)
+    for action in ("ec2:TerminateInstances", "ec2:StopInstances"):
+        for s in by_action[action]:
+            assert s["Condition"]["StringEquals"]["aws:ResourceTag/ray-cluster-name"] == "tinyqa"
+    (pass_role,) = by_action["iam:PassRole"]
+    assert pass_role["Resource"].endswith(":role/tinyqa-ray-worker")
+    # Launches must carry the cluster tag (on the instance resource).
+    instance_launch = [
+        s for s in by_action["ec2:RunInstances"] if any(":instance/" in r for r in s["Resource"])
+    ]
+    assert instance_launch and all(
+        s["Condition"]["StringEquals"]["aws:RequestTag/ray-cluster-name"] == "tinyqa"
+        for s in instance_launch
+    )

@@ -119,6 +119,8 @@ def test_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
         real_rename(src, dst)
 
     monkeypatch.setattr(fileio.os, "rename", rename)
+    # The two-rename path (platforms without renameat2's atomic exchange).
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
     with pytest.raises(OSError, match="No space left"), fileio.atomic_folder(target) as tmp:
         (tmp / "other.json").write_text("{}")
     assert [p.name for p in target.iterdir()] == ["stats.json"]

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from typing import Any
 
 from tinyqa.cluster import connect, early_stopping_problem, plan_concurrency, trial_resources
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import ConfigError
-from tinyqa.storage import ray_storage, remove_tree, write_json
+from tinyqa.storage import ray_storage, remove_tree, write_json, write_text
 from tinyqa.tune.results import (
     BEST_FILE,
     PLOT_PNG,
@@ -42,6 +43,7 @@ from tinyqa.tune.trial import EXPERIMENT, experiment_dir, trainable, tune_dir
 logger = logging.getLogger(__name__)
 
 _FINGERPRINT = "sweep-config.json"  # beside the experiment: the settings it was started with
+_SWEEP_ID = "sweep-id.txt"  # beside it: this sweep's id, the prefix of its trials' adapter ids
 # Keys that may change between a sweep and its resumption (they do not change what a trial does).
 _RESUMABLE_CHANGES = (
     ("storage_path",),
@@ -55,13 +57,32 @@ _RESUMABLE_CHANGES = (
 
 
 def _fingerprint(cfg: TinyQAConfig) -> dict[str, Any]:
+    """What identifies a sweep: its settings, plus what the dataset path and model name point
+    at (an edited dataset, a rebuilt preset or another model folder is another sweep, never a
+    silent resume that would promote adapters trained on the old inputs)."""
+    from tinyqa.data import dataset_sha256
+    from tinyqa.model import resolve_model_path
+
     data = cfg.to_dict()
     for path in _RESUMABLE_CHANGES:
         node = data
         for key in path[:-1]:
             node = node.get(key, {})
         node.pop(path[-1], None)
+    data["dataset_sha256"] = dataset_sha256(cfg.data)
+    data["model_path"] = resolve_model_path(cfg.model.name)
     return data
+
+
+def _sweep_id(cfg: TinyQAConfig, resuming: bool) -> str:
+    """A resumed sweep keeps its id (its trials keep their adapter ids); a new one gets a new id.
+    Sweeps started before ids existed resume with none."""
+    path = tune_dir(cfg) / _SWEEP_ID
+    if resuming:
+        return path.read_text().strip() if path.is_file() else ""
+    sweep_id = f"s{secrets.token_hex(3)}"
+    write_text(path, sweep_id + "\n")
+    return sweep_id
 
 
 def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -192,7 +213,10 @@ def run_sweep(cfg: TinyQAConfig, fresh: bool = False) -> SweepResult:
         exp_dir,
     )
 
-    trial_fn = trainable(cfg)
+    if not restored:
+        tune_dir(cfg).mkdir(parents=True, exist_ok=True)
+    sweep_id = _sweep_id(cfg, restored)
+    trial_fn = trainable(cfg, sweep_id)
     if restored:
         logger.info("resuming the sweep in %s (finished trials are kept)", exp_dir)
         tuner = tune.Tuner.restore(

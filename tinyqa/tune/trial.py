@@ -36,15 +36,18 @@ def _trial_runs_dir(cfg: TinyQAConfig) -> Path:
     return tune_dir(cfg) / _TRIAL_RUNS
 
 
-def trial_adapter_id(params: dict[str, Any], trial_id: str) -> str:
-    """Deterministic, unique adapter name, e.g. ``trial-03-r8-lr3.0e-04``.
+def trial_adapter_id(params: dict[str, Any], trial_id: str, sweep_id: str = "") -> str:
+    """Deterministic, unique adapter name, e.g. ``s3f9a2c-trial-03-r8-lr3.0e-04``.
 
     The index is the trial counter Tune puts at the end of its ids (``ab12c_00003``); a searcher
-    without one (Optuna) gets its 8-character trial id. Both survive a restore.
+    without one (Optuna) gets its 8-character trial id. Both survive a restore. ``sweep_id``
+    (see :func:`tinyqa.tune.sweep.run_sweep`) is new for every fresh sweep, so a rerun never
+    writes over an adapter of an earlier sweep that an endpoint may be serving.
     """
     tail = trial_id.rsplit("_", 1)[-1]
     index = f"{int(tail):02d}" if tail.isdigit() else tail[:8]
-    name = f"trial-{index}-r{int(params['r'])}-lr{float(params['lr']):.1e}"
+    prefix = f"{sweep_id}-" if sweep_id else ""
+    name = f"{prefix}trial-{index}-r{int(params['r'])}-lr{float(params['lr']):.1e}"
     if "alpha_ratio" in params:
         name += f"-a{float(params['alpha_ratio']):g}"
     if "dropout" in params:
@@ -115,7 +118,7 @@ def _report_callback():
     return SweepReportCallback
 
 
-def _run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
+def _run_trial(config: dict[str, Any], base: dict[str, Any], sweep_id: str = "") -> None:
     """Tune trainable: one Ray Train run with this trial's hyper-parameters.
 
     A crash propagates so Tune retries the trial (FailureConfig); the retry's Train run has the
@@ -126,7 +129,7 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
     from tinyqa.training import build_trainer
 
     params = {k: config[k] for k in ("r", "lr", "alpha_ratio", "dropout") if k in config}
-    adapter_id = trial_adapter_id(params, tune.get_context().get_trial_id())
+    adapter_id = trial_adapter_id(params, tune.get_context().get_trial_id(), sweep_id)
     cfg = trial_config(base, params, adapter_id)
     first = list(dict.fromkeys([cfg.tune.metric, "eval_loss", "loss", "step"]))
     callback = _report_callback()(adapter_id, first)
@@ -162,9 +165,9 @@ def _generation_scores(cfg: TinyQAConfig) -> dict[str, float]:
     return ray.get(task.remote(adapter_dir, records, cfg.eval.max_new_tokens, cfg.eval.batch_size))
 
 
-def trainable(cfg: TinyQAConfig):
-    """The Tune trainable for this sweep: :func:`_run_trial` with the sweep's base config bound and
-    a trial driver's resources (its Train workers reserve their own).
+def trainable(cfg: TinyQAConfig, sweep_id: str = ""):
+    """The Tune trainable for this sweep: :func:`_run_trial` with the sweep's base config and id
+    bound and a trial driver's resources (its Train workers reserve their own).
 
     Tune records the trainable's name (``_run_trial``) in the experiment and ``Tuner.restore``
     refuses another one, so renaming that function breaks resuming existing sweeps.
@@ -172,6 +175,6 @@ def trainable(cfg: TinyQAConfig):
     from ray import tune
 
     return tune.with_resources(
-        tune.with_parameters(_run_trial, base=_absolute_paths(cfg)),
+        tune.with_parameters(_run_trial, base=_absolute_paths(cfg), sweep_id=sweep_id),
         {"cpu": 0, "memory": _TRIAL_DRIVER_MEMORY},
     )
