@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from ray import serve
 
-from serving.api import ApiError
+from serving.api import SERVER, ApiError
 from tinyqa.adapters import ServingPlan
 from tinyqa.config import build_config
 from tinyqa.errors import TinyQAError
@@ -45,6 +45,14 @@ def _device_and_quantization(requested: str) -> tuple[str, str]:
 
 
 _END = object()
+
+
+def _failed(e: BaseException) -> dict[str, Any]:
+    """The answer to one request that failed on our side: logged here, a JSON 500 for that
+    request only (returned, not raised: the replica stays healthy for the others)."""
+    logger.error("generation failed for one request", exc_info=e)
+    error = ApiError(500, "generation failed (logged by the server)", "generation_failed", SERVER)
+    return {"error": error.to_dict()}
 
 
 @serve.deployment(name="QAModel")
@@ -112,7 +120,21 @@ class QAModel:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, requests: list) -> list:
-        return await asyncio.to_thread(self.engine.generate, requests)
+        """Results in order; a request that cannot be answered gets its exception instead, so
+        one bad request never fails the others batched with it."""
+        try:
+            return await asyncio.to_thread(self.engine.generate, requests)
+        except Exception as e:
+            if len(requests) == 1:
+                return [e]
+            logger.warning("a batch of %d failed (%r); answering one by one", len(requests), e)
+        return [await self._generate_alone(req) for req in requests]
+
+    async def _generate_alone(self, req: GenerationRequest) -> Any:
+        try:
+            return (await asyncio.to_thread(self.engine.generate, [req]))[0]
+        except Exception as e:
+            return e
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         """One answer (batched with concurrent requests for the same adapter)."""
@@ -121,7 +143,11 @@ class QAModel:
             await self._prepare(req)
         except TinyQAError as e:
             return {"error": ApiError.from_model_error(e).to_dict()}
+        except Exception as e:
+            return _failed(e)
         result = await self._generate_batch(req)
+        if isinstance(result, Exception):
+            return _failed(result)
         return {"result": asdict(result)}
 
     async def stream(self, payload: dict[str, Any]):
@@ -131,6 +157,9 @@ class QAModel:
             prompt_tokens = await self._prepare(req)
         except TinyQAError as e:
             yield {"error": ApiError.from_model_error(e).to_dict()}
+            return
+        except Exception as e:
+            yield _failed(e)
             return
         yield {"start": {"prompt_tokens": prompt_tokens}}
         cancel = threading.Event()
@@ -147,15 +176,6 @@ class QAModel:
                     yield {"result": asdict(event)}
         finally:
             cancel.set()  # the client went away: stop generating at the next token
-
-    async def info(self) -> dict[str, Any]:
-        return {
-            "base_model": self.plan.base_id,
-            "default_adapter": self.plan.default_adapter,
-            "loaded_adapters": self.engine.loaded_adapters(),
-            "device": self.device,
-            "quantization": self.quantization,
-        }
 
     async def check_health(self) -> None:
         """Serve restarts the replica when this raises (the model cannot generate)."""

@@ -25,6 +25,7 @@ from serving.api import (
 )
 from tinyqa.config import ServeSettings
 from tinyqa.errors import ConfigError, PromptTooLong, UnknownAdapter
+from tinyqa.secrets import KeyDigest
 
 REPO = Path(__file__).resolve().parents[2]
 JSON = "application/json"
@@ -184,13 +185,15 @@ def test_body_limit_covers_the_largest_valid_request():
 
 # ----- auth -----
 def test_api_key():
+    digest = KeyDigest.of("s3cret")
     check_api_key(None, None)  # no key configured: open
     check_api_key("Bearer anything", None)
-    check_api_key("Bearer s3cret", "s3cret")
-    check_api_key("bearer s3cret", "s3cret")
-    for header in (None, "", "Bearer", "Basic s3cret", "Bearer wrong", "Bearer s3cret2", "s3cret"):
+    check_api_key("Bearer s3cret", digest)
+    check_api_key("bearer s3cret", digest)
+    bad = (None, "", "Bearer", "Basic s3cret", "Bearer wrong", "Bearer s3cret2", "s3cret")
+    for header in (*bad, "Bearer \udcff", "Bearer sécret"):
         with pytest.raises(ApiError) as info:
-            check_api_key(header, "s3cret")
+            check_api_key(header, digest)
         assert info.value.status == 401
         assert info.value.headers == {"WWW-Authenticate": "Bearer"}
 
@@ -357,9 +360,9 @@ def test_shipped_configs_build_an_app(config, gpus, tmp_path):
     assert model["ray_actor_options"]["num_gpus"] == gpus
 
 
-def test_application_binds_one_config_dict_and_the_key_apart(tmp_path, monkeypatch):
-    """deploy() hands the config object over; it becomes one dict, without the key, which the
-    ingress gets as its own argument (resolved once, on the driver)."""
+def test_application_binds_one_config_dict_and_only_a_key_digest(tmp_path, monkeypatch):
+    """deploy() hands the config object over; it becomes one dict, without the key; the ingress
+    gets a salted digest of the key (resolved once, on the driver), never the key."""
     from serving.app import application, resolved
     from tinyqa.config import build_config, load_config
 
@@ -373,7 +376,13 @@ def test_application_binds_one_config_dict_and_the_key_apart(tmp_path, monkeypat
     ingress = application(cfg)._bound_deployment
     model_app, config, plan, api_key = ingress.init_args
     model = model_app._bound_deployment
-    assert api_key == "from-config"  # serve.api_key wins over $TINYQA_API_KEY
+    digest = KeyDigest.from_dict(api_key)
+    assert digest.matches("from-config")  # serve.api_key wins over $TINYQA_API_KEY
+    assert not digest.matches("from-env")
+    from ray import cloudpickle
+
+    # What Serve ships to the controller and keeps (arguments, options) holds no key.
+    assert b"from-config" not in cloudpickle.dumps(application(cfg))
     assert config == cfg.to_dict() and "api_key" not in config["serve"]
     assert model.init_args == (config, plan)  # both deployments get the same dict
     assert build_config(config).serve.port == 8124  # and it validates on the far side
