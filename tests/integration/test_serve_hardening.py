@@ -352,3 +352,87 @@ def test_bad_requests_never_fail_good_ones(client, replicas_at_start):
     time.sleep(1)
     assert _model_replicas() == replicas_at_start
     _good(client)
+
+
+# ----------------------------------------------------------------------------------------------
+# the API key is a secret: never stored, logged or bound into a deployment
+# ----------------------------------------------------------------------------------------------
+def _files_holding(root: Path, needle: bytes) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                if needle in path.read_bytes():
+                    hits.append(str(path))
+            except OSError:
+                continue  # a socket or a file removed meanwhile
+    return hits
+
+
+def test_the_api_key_is_never_written_anywhere(cluster, port, tmp_path, adapter_helpers):
+    """A real Ray Train run and a deploy with ``serve.api_key`` set in the config: the key
+    works, yet no file under the storage path, no file of the Ray session (logs included) and
+    nothing Serve was given holds it."""
+    import secrets as pysecrets
+
+    import ray
+    from ray import cloudpickle, serve
+
+    from serving.app import application, resolved
+    from serving.deploy import deploy
+    from tinyqa.config import load_config
+    from tinyqa.data import bundled_dataset_path
+    from tinyqa.training import run_training
+
+    key = "tq-" + pysecrets.token_urlsafe(24)
+    runs = tmp_path / "runs"
+    subset = adapter_helpers.write_subset(bundled_dataset_path(), tmp_path / "subset.json", 24)
+    cfg = load_config(
+        REPO / "jobs/configs/tiny-cpu.yaml",
+        [
+            f"storage_path={runs}",
+            "experiment=keyed",
+            f"data.path={subset}",
+            f"serve.api_key={key}",
+            "train.num_workers=1",
+            "train.max_steps=4",
+            "train.eval_steps=2",
+            "train.save_steps=2",
+            f"serve.port={port}",
+            "serve.app_name=tinyqa-keyed",
+            "serve.route_prefix=/keyed",
+            "serve.num_cpus=0.5",
+            "serve.max_replicas=1",
+            *LIMITS,
+        ],
+    )
+    assert key not in repr(cfg)
+    trained = run_training(cfg)
+    assert trained.manifest["config"]["serve"].get("api_key") is None
+    url = deploy(cfg)
+    try:
+        ok = {"authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=url, timeout=60.0) as c:
+            assert c.post("/v1/ask", json={"question": "q"}).status_code == 401
+            assert c.post("/v1/ask", json={"question": "q"}, headers=ok).status_code == 200
+            # /healthz: liveness for anyone, what is served only with the key.
+            assert c.get("/healthz").json() == {"status": "ok"}
+            assert c.get("/healthz", headers={"authorization": "Bearer no"}).json() == {
+                "status": "ok"
+            }
+            details = c.get("/healthz", headers=ok).json()
+            assert (details["base_model"], details["default_adapter"]) == ("tiny", "keyed")
+            assert details["device"] == "cpu"
+        needle = key.encode()
+        assert _files_holding(runs, needle) == []
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+        assert _files_holding(session, needle) == []
+        # What Serve keeps: the application it was given, and the details it reports.
+        assert needle not in cloudpickle.dumps(application(resolved(cfg)))
+        from ray.serve.context import _get_global_client
+
+        details = _get_global_client().get_serve_details()
+        assert key not in json.dumps(details, default=str)
+        assert key not in str(serve.status())
+    finally:
+        serve.delete("tinyqa-keyed")
