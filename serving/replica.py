@@ -21,7 +21,7 @@ from serving.api import SERVER, ApiError
 from tinyqa.adapters import ServingPlan
 from tinyqa.config import build_config
 from tinyqa.errors import TinyQAError
-from tinyqa.inference import GenerationRequest, QAEngine
+from tinyqa.inference import GenerationRequest, GenerationResult, QAEngine
 
 # Serve writes the "ray.serve" logger to the replica log files; a child logger goes there too.
 logger = logging.getLogger("ray.serve").getChild("tinyqa")
@@ -45,6 +45,26 @@ def _device_and_quantization(requested: str) -> tuple[str, str]:
 
 
 _END = object()
+
+
+async def generate_isolated(
+    engine: QAEngine, requests: list[GenerationRequest]
+) -> list[GenerationResult | Exception]:
+    """Results in order; a request that cannot be answered gets its exception instead, so one
+    bad request never fails the others batched with it (a failed batch is retried one by one)."""
+    try:
+        return await asyncio.to_thread(engine.generate, requests)
+    except Exception as e:
+        if len(requests) == 1:
+            return [e]
+        logger.warning("a batch of %d failed (%r); answering one by one", len(requests), e)
+    results: list[GenerationResult | Exception] = []
+    for req in requests:
+        try:
+            results.append((await asyncio.to_thread(engine.generate, [req]))[0])
+        except Exception as e:
+            results.append(e)
+    return results
 
 
 def _failed(e: BaseException) -> dict[str, Any]:
@@ -120,21 +140,7 @@ class QAModel:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, requests: list) -> list:
-        """Results in order; a request that cannot be answered gets its exception instead, so
-        one bad request never fails the others batched with it."""
-        try:
-            return await asyncio.to_thread(self.engine.generate, requests)
-        except Exception as e:
-            if len(requests) == 1:
-                return [e]
-            logger.warning("a batch of %d failed (%r); answering one by one", len(requests), e)
-        return [await self._generate_alone(req) for req in requests]
-
-    async def _generate_alone(self, req: GenerationRequest) -> Any:
-        try:
-            return (await asyncio.to_thread(self.engine.generate, [req]))[0]
-        except Exception as e:
-            return e
+        return await generate_isolated(self.engine, requests)
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         """One answer (batched with concurrent requests for the same adapter)."""
