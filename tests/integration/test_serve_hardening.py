@@ -57,14 +57,15 @@ def cluster(port):
 
     # A private test cluster on loopback (tests/conftest.py turns Ray token auth off). Ray gives
     # its raylet a fixed 30 s to register, which a loaded shared machine can miss: try again.
-    for attempt in range(3):
+    for attempt in range(5):
         try:
             ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
             break
         except Exception:
             ray.shutdown()
-            if attempt == 2:
+            if attempt == 4:
                 raise
+            time.sleep(10)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield
     serve.shutdown()
