@@ -191,7 +191,7 @@ def test_fuzzing_found_no_server_errors(client, replicas_at_start):
 # ----------------------------------------------------------------------------------------------
 # what a schema cannot express
 # ----------------------------------------------------------------------------------------------
-_DEEP = 100_000
+_DEEP = 50_000  # 100 kB: under the body limit, far past the parser's recursion limit
 HOSTILE = [
     ("not UTF-8", b'{"question": "\xff\xfe caf\xe9"}', 400, "invalid_json"),
     ("lone surrogate", b'{"question": "why \\ud800?"}', 400, "invalid_json"),
