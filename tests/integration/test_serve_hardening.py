@@ -22,6 +22,7 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from test_serve import QUESTIONS, storage  # noqa: F401  (the module's adapters fixture)
 
@@ -163,7 +164,10 @@ def _fuzz(schema, mode: GenerationMode) -> None:
                     f"(body {str(body)[:300]})"
                 )
 
-        send()
+        try:
+            send()
+        except Unsatisfiable:
+            continue  # no request can break this operation's schema (GET without parameters)
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
@@ -288,7 +292,8 @@ def test_chunked_body_over_the_limit_is_cut_off_while_reading(client, app_url):
     from serving.api import max_body_bytes
     from tinyqa.config import build_config
 
-    limit = max_body_bytes(build_config({"serve": {"max_messages": 8, "max_question_chars": 2000}}))
+    serve = {"max_messages": 8, "max_question_chars": 2000}
+    limit = max_body_bytes(build_config({"serve": serve}).serve)
     total = 64 * 1024 * 1024
     started = time.perf_counter()
     status, body, sent = _chunked_upload(app_url, "/v1/ask", total)
@@ -316,11 +321,12 @@ def _dechunk(body: bytes) -> dict:
 # ----------------------------------------------------------------------------------------------
 # one bad request never hurts another
 # ----------------------------------------------------------------------------------------------
+# (body, status): a temperature of 1e-40 used to fail its whole batch; now it is answered greedily.
 BAD_BODIES = [
-    {"question": QUESTIONS[2], "seed": 2**70, "temperature": 0.7},
-    {"question": QUESTIONS[2], "temperature": 1e-40, "seed": 3},
-    {"question": QUESTIONS[2], "seed": -(2**64), "temperature": 1.0},
-    {"question": "why \ud800"},
+    ({"question": QUESTIONS[2], "seed": 2**70, "temperature": 0.7}, 400),
+    ({"question": QUESTIONS[2], "temperature": 1e-40, "seed": 3}, 200),
+    ({"question": QUESTIONS[2], "seed": -(2**64), "temperature": 1.0}, 400),
+    ({"question": "why \ud800"}, 400),
 ]
 
 
@@ -338,6 +344,7 @@ def test_bad_requests_never_fail_good_ones(client, replicas_at_start):
 
     def send(item):
         kind, body = item
+        body, _ = body if kind == "bad" else (body, 200)
         raw = json.dumps(body).encode()  # json.dumps escapes the surrogate as \\ud800
         return kind, client.post(
             "/v1/ask", content=raw, headers={"content-type": "application/json"}
@@ -347,8 +354,9 @@ def test_bad_requests_never_fail_good_ones(client, replicas_at_start):
         answers = list(pool.map(send, mixed))
     goods = [r for kind, r in answers if kind == "good"]
     bads = [r for kind, r in answers if kind == "bad"]
+    expected = [status for kind, (_, status) in mixed if kind == "bad"]
     assert [r.status_code for r in goods] == [200] * 16, [r.text[:200] for r in goods]
-    assert all(400 <= r.status_code < 500 for r in bads), [r.text[:200] for r in bads]
+    assert [r.status_code for r in bads] == expected, [r.text[:200] for r in bads]
     assert all(_problem(r) is None for r in bads)
     # Health checks ran meanwhile (Serve checks every 10 s): no replica was replaced.
     time.sleep(1)
