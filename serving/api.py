@@ -9,10 +9,10 @@ Every error is :class:`ApiError`, rendered as ``{"error": {"message", "type", "c
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +35,7 @@ from tinyqa.errors import (
     TinyQAError,
     UnknownAdapter,
 )
+from tinyqa.secrets import KeyDigest
 
 # OpenAI's error "type" values, so OpenAI clients raise the matching exception classes.
 INVALID_REQUEST = "invalid_request_error"
@@ -46,6 +47,12 @@ SERVER = "server_error"
 
 # Room for JSON syntax and field names around the longest allowed texts.
 _BODY_OVERHEAD_BYTES = 64 * 1024
+
+# torch.manual_seed's range: a seed outside it fails inside generate, for the whole batch.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# Below this, sampling is greedy in all but name, and logits / temperature can overflow to inf
+# (NaN probabilities, a failed batch): such temperatures are answered greedily.
+MIN_TEMPERATURE = 0.01
 
 
 class ApiError(Exception):
@@ -95,7 +102,10 @@ class ApiError(Exception):
 
 
 def error_body(message: str, type_: str, code: str | int) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "code": code}}
+    # A message may quote the request (a field name, a path): lone surrogates from JSON escapes
+    # like "\\ud800" cannot be encoded as UTF-8, and the answer would fail on its way out.
+    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return {"error": {"message": safe, "type": type_, "code": code}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,9 +122,13 @@ class AskRequest(_Strict):
     question: str = Field(description="The question; not empty.")
     adapter: str | None = Field(None, description="Adapter id or the base id; empty = default.")
     max_new_tokens: int | None = Field(None, ge=1, description="Answer length cap (tokens).")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy (default).")
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="0 = greedy (default); below 0.01 also greedy."
+    )
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(None, description="Seed for sampled (temperature > 0) answers.")
+    seed: int | None = Field(
+        None, ge=SEED_MIN, le=SEED_MAX, description="Seed for sampled (temperature > 0) answers."
+    )
 
     @field_validator("question")
     @classmethod
@@ -151,13 +165,66 @@ class ChatCompletionRequest(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="0 = greedy (default); below 0.01 also greedy."
+    )
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int | None = Field(None, ge=1, le=1, description="Only one choice is generated.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     user: str | None = None  # accepted for OpenAI compatibility; not used
+
+
+# ----------------------------------------------------------------------------------------------
+# the OpenAPI description of the request bodies
+# ----------------------------------------------------------------------------------------------
+# The routes read and validate their bodies themselves (limits while reading, JSON error bodies),
+# so FastAPI cannot see the models: these bodies go into the schema the app serves.
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "/v1/ask": AskRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+}
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "code": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+            },
+        }
+    },
+}
+
+
+def openapi_request_bodies(schema: dict[str, Any]) -> dict[str, Any]:
+    """Add the JSON request bodies and the error body to an OpenAPI document (in place)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Error"] = _ERROR_SCHEMA
+    for path, model in REQUEST_MODELS.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+        operation = schema["paths"][path]["post"]
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+            },
+        }
+    for item in schema["paths"].values():
+        for operation in item.values():
+            operation.setdefault("responses", {})["default"] = {
+                "description": "An error",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            }
+    return schema
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,6 +233,27 @@ class ChatCompletionRequest(_Strict):
 def max_body_bytes(limits: ServeSettings) -> int:
     """The largest request body worth reading (every message at the character limit, UTF-8)."""
     return limits.max_messages * limits.max_question_chars * 4 + _BODY_OVERHEAD_BYTES
+
+
+def _too_large(what: str, limit: int) -> ApiError:
+    return ApiError(413, f"the body has {what} bytes; the limit is {limit}", "body_too_large")
+
+
+async def read_body(chunks: AsyncIterator[bytes], declared: str | None, limit: int) -> bytes:
+    """The request body from its stream, refused (413) as soon as it passes ``limit`` bytes.
+
+    A declared ``Content-Length`` over the limit is refused before reading; a chunked body (no
+    length) is read only up to the limit, never whole.
+    """
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise _too_large(declared.strip(), limit)
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(f"more than {limit}", limit)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _reject_constant(name: str) -> Any:
@@ -185,6 +273,9 @@ def parse_body(raw: bytes, content_type: str | None, model: type[_Strict]) -> An
         data = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON: {e}", "invalid_json") from e
+    except RecursionError as e:
+        raise ApiError(400, "the body is nested too deeply", "invalid_json") from e
+    _check_unicode(data)
     if not isinstance(data, dict):
         raise ApiError(
             400, f"the body must be a JSON object, got {type(data).__name__}", "invalid_json"
@@ -193,6 +284,22 @@ def parse_body(raw: bytes, content_type: str | None, model: type[_Strict]) -> An
         return model.model_validate(data)
     except ValidationError as e:
         raise validation_error(e) from e
+
+
+def _check_unicode(data: Any) -> None:
+    """400 for a lone UTF-16 surrogate (``"\\ud800"``) anywhere in the body: JSON allows the
+    escape, but it is not text, and the tokenizer and every UTF-8 encoder reject it."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400,
+            "the body holds a lone UTF-16 surrogate escape (e.g. \\ud800), which is not text; "
+            "send valid Unicode",
+            "invalid_json",
+        ) from e
+    except RecursionError as e:
+        raise ApiError(400, "the body is nested too deeply", "invalid_json") from e
 
 
 def validation_error(err: ValidationError) -> ApiError:
@@ -254,6 +361,11 @@ def _max_new_tokens(value: int | None, limits: ServeSettings, field: str) -> int
     return value
 
 
+def _temperature(value: float | None) -> float:
+    """The sampling temperature to use; 0 (greedy) for unset and below :data:`MIN_TEMPERATURE`."""
+    return value if value is not None and value >= MIN_TEMPERATURE else 0.0
+
+
 def _check_chars(text: str, limits: ServeSettings, what: str) -> None:
     if len(text) > limits.max_question_chars:
         raise ApiError(
@@ -269,7 +381,7 @@ def ask_generation(req: AskRequest, limits: ServeSettings) -> Generation:
     return Generation(
         messages=[{"role": "user", "content": req.question}],
         max_new_tokens=_max_new_tokens(req.max_new_tokens, limits, "max_new_tokens"),
-        temperature=req.temperature or 0.0,
+        temperature=_temperature(req.temperature),
         top_p=req.top_p or 1.0,
         seed=req.seed,
     )
@@ -297,15 +409,16 @@ def chat_generation(req: ChatCompletionRequest, limits: ServeSettings) -> Genera
     return Generation(
         messages=messages,
         max_new_tokens=max_new,
-        temperature=req.temperature or 0.0,
+        temperature=_temperature(req.temperature),
         top_p=req.top_p or 1.0,
         seed=req.seed,
     )
 
 
-def check_api_key(authorization: str | None, api_key: str | None) -> None:
-    """Bearer auth in constant time; no key configured = open. Raises 401."""
-    if not api_key:
+def check_api_key(authorization: str | None, api_key: KeyDigest | None) -> None:
+    """Bearer auth against the key's salted digest, in constant time; no key configured = open.
+    Raises 401."""
+    if api_key is None:
         return
     scheme, _, token = (authorization or "").partition(" ")
     challenge = {"WWW-Authenticate": "Bearer"}
@@ -317,7 +430,7 @@ def check_api_key(authorization: str | None, api_key: str | None) -> None:
             AUTHENTICATION,
             challenge,
         )
-    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    if not api_key.matches(token.strip()):
         raise ApiError(401, "invalid API key", "invalid_api_key", AUTHENTICATION, challenge)
 
 
@@ -385,6 +498,15 @@ class ModelCatalog:
         data = [_model_card(self.base_id, created, None, self.default_adapter is None)]
         data += [_model_card(a, created, self.base_id, a == self.default_adapter) for a in adapters]
         return {"object": "list", "data": data}
+
+
+def served_device(settings: ServeSettings) -> tuple[str, str]:
+    """(device, quantization) the model replicas run with: Ray gives a replica a GPU exactly
+    when ``num_gpus`` > 0, and ``auto`` quantization means NF4 on a GPU, none on a CPU."""
+    device = "cuda" if settings.num_gpus > 0 else "cpu"
+    if settings.quantization == "auto":
+        return device, "nf4" if device == "cuda" else "none"
+    return device, settings.quantization
 
 
 def _model_card(model_id: str, created: int, parent: str | None, default: bool) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from tinyqa.adapters import serving_plan
 from tinyqa.cluster import worker_env
 from tinyqa.config import TinyQAConfig, build_config, load_config, merge_dicts, parse_overrides
 from tinyqa.errors import ConfigError
-from tinyqa.secrets import resolve_api_key
+from tinyqa.secrets import KeyDigest, resolve_api_key
 
 logger = logging.getLogger("ray.serve").getChild("tinyqa")
 
@@ -142,5 +142,8 @@ def application(cfg: TinyQAConfig) -> serve.Application:
     # The one place the config becomes a dict: it crosses into the replicas here.
     config, plan_dict = cfg.to_dict(), plan.to_dict()
     model = QAModel.options(**model_opts).bind(config, plan_dict)
-    api_key = resolve_api_key(cfg.serve.api_key)
-    return QAIngress.options(**ingress_opts).bind(model, config, plan_dict, api_key)
+    # The key itself never becomes a deployment argument (Serve keeps those in its checkpoint):
+    # the ingress gets a salted digest to check tokens against.
+    key = resolve_api_key(cfg.serve.api_key)
+    digest = KeyDigest.of(key).to_dict() if key else None
+    return QAIngress.options(**ingress_opts).bind(model, config, plan_dict, digest)

@@ -21,6 +21,7 @@ from ray.serve.context import _get_global_client
 from tinyqa.cluster import connect, connect_persistent
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import TinyQAError, last_line
+from tinyqa.secrets import resolve_api_key
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +74,15 @@ def _start_serve(cfg: TinyQAConfig) -> None:
         )
 
 
-def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> dict:
-    """Poll ``GET {url}/healthz`` until it answers 200; its JSON. Raises :class:`ServeError`."""
+def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S, api_key: str | None = None) -> dict:
+    """Poll ``GET {url}/healthz`` until it answers 200; its JSON (with what is served when
+    ``api_key`` is the endpoint's key, or it has none). Raises :class:`ServeError`."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(f"{url}/healthz", timeout=10.0)
+            r = httpx.get(f"{url}/healthz", timeout=10.0, headers=headers)
             if r.status_code == 200:
                 return r.json()
             last = f"HTTP {r.status_code}: {r.text[:200]}"
@@ -114,7 +117,7 @@ def deploy(cfg: TinyQAConfig, blocking: bool = False) -> str:
             "see the replica logs (`serve status`, /tmp/ray/session_latest/logs/serve)"
         ) from e
     url = endpoint_url(cfg)
-    info = wait_healthy(url)
+    info = wait_healthy(url, api_key=resolve_api_key(s.api_key))
     logger.info(
         "app %r ready at %s in %.1f s (base %s, default adapter %s)",
         s.app_name,

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
@@ -48,12 +49,16 @@ from serving.api import (
     describe_errors,
     error_body,
     max_body_bytes,
+    openapi_request_bodies,
     parse_body,
+    read_body,
+    served_device,
     sse,
     usage,
 )
 from tinyqa.adapters import BestFile, ServingPlan
 from tinyqa.config import build_config
+from tinyqa.secrets import KeyDigest
 
 # Serve writes the "ray.serve" logger to the replica log files; a child logger goes there too.
 logger = logging.getLogger("ray.serve").getChild("tinyqa")
@@ -64,8 +69,23 @@ fastapi_app = FastAPI(
     description="Question answering with a LoRA-adapted model (OpenAI-compatible).",
     docs_url=None,
     redoc_url=None,
-    openapi_url=None,
+    openapi_url="/openapi.json",
 )
+
+
+def _openapi() -> dict[str, Any]:
+    if fastapi_app.openapi_schema is None:
+        schema = get_openapi(
+            title=fastapi_app.title,
+            version="1",
+            description=fastapi_app.description,
+            routes=fastapi_app.routes,
+        )
+        fastapi_app.openapi_schema = openapi_request_bodies(schema)
+    return fastapi_app.openapi_schema
+
+
+fastapi_app.openapi = _openapi
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -149,13 +169,14 @@ class QAIngress:
         model: DeploymentHandle,
         config: dict[str, Any],
         plan: dict[str, Any],
-        api_key: str | None,
+        api_key: dict[str, str] | None,
     ):
         # Plain dicts cross the Ray boundary; validated again here, on the replica's side.
         self.cfg = build_config(config, "QAIngress config")
         self.limits = self.cfg.serve
         self.model = model
-        self.api_key = api_key
+        # Only a salted digest of the key reaches this replica (see tinyqa/secrets.py).
+        self.api_key = KeyDigest.from_dict(api_key) if api_key else None
         served = ServingPlan.from_dict(plan)
         best = served.best_file
         self.catalog = ModelCatalog(
@@ -164,23 +185,16 @@ class QAIngress:
             served.default_adapter,
             BestFile(best, self.cfg.serve.best_ttl_s, served.default_adapter) if best else None,
         )
+        self.device, self.quantization = served_device(self.limits)
 
     # ----- helpers -----
     def _authorize(self, request: Request) -> None:
         check_api_key(request.headers.get("authorization"), self.api_key)
 
     async def _body(self, request: Request, model: type) -> Any:
-        limit = max_body_bytes(self.limits)
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(
-                413, f"the body has {declared} bytes; the limit is {limit}", "body_too_large"
-            )
-        raw = await request.body()
-        if len(raw) > limit:
-            raise ApiError(
-                413, f"the body has {len(raw)} bytes; the limit is {limit}", "body_too_large"
-            )
+        raw = await read_body(
+            request.stream(), request.headers.get("content-length"), max_body_bytes(self.limits)
+        )
         return parse_body(raw, request.headers.get("content-type"), model)
 
     def _handle(self, adapter: str | None, stream: bool = False):
@@ -214,9 +228,21 @@ class QAIngress:
     @fastapi_app.get("/healthz")
     @_guarded
     async def healthz(self, request: Request):
-        response = self.model.info.remote()
-        info = await self._result(_awaited(response), response.cancel)
-        return {"status": "ok", **info}
+        """Liveness, answered here without touching the model deployment (a load balancer's
+        probes never take a place in the model's queue; Serve's own health checks watch the
+        model replicas). What is served is shown only to callers that pass the API key (all
+        callers when the endpoint has none)."""
+        try:
+            self._authorize(request)
+        except ApiError:
+            return {"status": "ok"}
+        return {
+            "status": "ok",
+            "base_model": self.catalog.base_id,
+            "default_adapter": self.catalog.default_adapter,
+            "device": self.device,
+            "quantization": self.quantization,
+        }
 
     @fastapi_app.get("/v1/models")
     @_guarded

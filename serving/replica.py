@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from ray import serve
 
-from serving.api import ApiError
+from serving.api import SERVER, ApiError
 from tinyqa.adapters import ServingPlan, configure_adapter_cache
 from tinyqa.config import build_config
 from tinyqa.errors import TinyQAError
-from tinyqa.inference import GenerationRequest, QAEngine
+from tinyqa.inference import GenerationRequest, GenerationResult, QAEngine
 
 # Serve writes the "ray.serve" logger to the replica log files; a child logger goes there too.
 logger = logging.getLogger("ray.serve").getChild("tinyqa")
@@ -45,6 +45,34 @@ def _device_and_quantization(requested: str) -> tuple[str, str]:
 
 
 _END = object()
+
+
+async def generate_isolated(
+    engine: QAEngine, requests: list[GenerationRequest]
+) -> list[GenerationResult | Exception]:
+    """Results in order; a request that cannot be answered gets its exception instead, so one
+    bad request never fails the others batched with it (a failed batch is retried one by one)."""
+    try:
+        return await asyncio.to_thread(engine.generate, requests)
+    except Exception as e:
+        if len(requests) == 1:
+            return [e]
+        logger.warning("a batch of %d failed (%r); answering one by one", len(requests), e)
+    results: list[GenerationResult | Exception] = []
+    for req in requests:
+        try:
+            results.append((await asyncio.to_thread(engine.generate, [req]))[0])
+        except Exception as e:
+            results.append(e)
+    return results
+
+
+def _failed(e: BaseException) -> dict[str, Any]:
+    """The answer to one request that failed on our side: logged here, a JSON 500 for that
+    request only (returned, not raised: the replica stays healthy for the others)."""
+    logger.error("generation failed for one request", exc_info=e)
+    error = ApiError(500, "generation failed (logged by the server)", "generation_failed", SERVER)
+    return {"error": error.to_dict()}
 
 
 @serve.deployment(name="QAModel")
@@ -113,7 +141,7 @@ class QAModel:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, requests: list) -> list:
-        return await asyncio.to_thread(self.engine.generate, requests)
+        return await generate_isolated(self.engine, requests)
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         """One answer (batched with concurrent requests for the same adapter)."""
@@ -122,7 +150,11 @@ class QAModel:
             await self._prepare(req)
         except TinyQAError as e:
             return {"error": ApiError.from_model_error(e).to_dict()}
+        except Exception as e:
+            return _failed(e)
         result = await self._generate_batch(req)
+        if isinstance(result, Exception):
+            return _failed(result)
         return {"result": asdict(result)}
 
     async def stream(self, payload: dict[str, Any]):
@@ -132,6 +164,9 @@ class QAModel:
             prompt_tokens = await self._prepare(req)
         except TinyQAError as e:
             yield {"error": ApiError.from_model_error(e).to_dict()}
+            return
+        except Exception as e:
+            yield _failed(e)
             return
         yield {"start": {"prompt_tokens": prompt_tokens}}
         cancel = threading.Event()
@@ -148,15 +183,6 @@ class QAModel:
                     yield {"result": asdict(event)}
         finally:
             cancel.set()  # the client went away: stop generating at the next token
-
-    async def info(self) -> dict[str, Any]:
-        return {
-            "base_model": self.plan.base_id,
-            "default_adapter": self.plan.default_adapter,
-            "loaded_adapters": self.engine.loaded_adapters(),
-            "device": self.device,
-            "quantization": self.quantization,
-        }
 
     async def check_health(self) -> None:
         """Serve restarts the replica when this raises (the model cannot generate)."""

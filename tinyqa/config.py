@@ -13,12 +13,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tinyqa.errors import ConfigError, first_line
 from tinyqa.storage import Location, check_uri, location
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SECRET_KEYS = frozenset({"api_key"})  # config keys whose values are never shown or written
 _NAME_RE = re.compile(NAME_PATTERN)
 
 
@@ -191,7 +200,11 @@ class ServeSettings(_Section):
     max_queued_requests: int = Field(64, ge=-1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    api_key: str | None = Field(None, description="Bearer key; empty = $TINYQA_API_KEY or no auth.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="Bearer key (a secret: never written out); empty = $TINYQA_API_KEY, else the "
+        "file $TINYQA_API_KEY_FILE names, else no auth.",
+    )
     max_question_chars: int = Field(4000, ge=1)
     max_prompt_tokens: int = Field(1024, ge=1)
     max_new_tokens: int = Field(64, ge=1, description="Default answer length.")
@@ -217,6 +230,14 @@ class ServeSettings(_Section):
     best_ttl_s: float = Field(
         10.0, ge=0, description="Re-read best.json after this many seconds (no redeploy needed)."
     )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _key_is_text(cls, v: Any) -> Any:
+        # YAML reads `api_key: 12345` as a number; converting it back could change the key.
+        if v is not None and not isinstance(v, str | SecretStr):
+            raise ValueError("must be a string: quote the key in YAML")
+        return v
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeSettings:
@@ -356,8 +377,8 @@ class TinyQAConfig(_Section):
         """Plain, JSON-safe dict (for Ray boundaries and manifests), without secrets.
 
         ``serve.api_key`` is left out: this dict is written into every adapter's manifest and
-        bound into Serve deployments. The endpoint gets its key from
-        :func:`tinyqa.secrets.resolve_api_key` on the driver, as its own argument.
+        bound into Serve deployments. The endpoint's ingress gets only a salted digest of the key
+        (:class:`tinyqa.secrets.KeyDigest`), made on the driver.
         """
         return self.model_dump(mode="json", exclude={"serve": {"api_key"}})
 
@@ -440,7 +461,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             continue
         msg = e["msg"].removeprefix("Value error, ")
         value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        secret = key.rsplit(".", 1)[-1] in SECRET_KEYS  # never echo a key into an error
+        shown = "" if isinstance(value, dict) or secret else f" (got {value!r})"
         problems.append(f"{key}: {msg}{shown}")
     return f"{source}: " + "; ".join(problems)
 

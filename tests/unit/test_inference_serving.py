@@ -154,3 +154,38 @@ def test_serving_plan_precedence(adapters, tmp_path):
         )
     )
     assert moved.adapter_root == adapters / "exp" / "adapters"
+
+
+def test_health_check_passes_while_the_engine_is_busy(engine):
+    """A busy engine is alive, even right after a failed call (one bad request's fault): Serve
+    must not restart a replica because its lock is held."""
+    bad = _req("q", None, temperature=0.7, seed=2**70)  # past torch's seed range
+    with pytest.raises(ValueError, match="Overflow"):
+        engine.generate([bad])
+    assert engine.last_error is not None
+    engine._lock.acquire()
+    try:
+        done = threading.Event()
+        threading.Thread(target=lambda: (engine.health_check(), done.set())).start()
+        assert done.wait(10), "health_check blocked on the busy engine"
+    finally:
+        engine._lock.release()
+    engine.health_check()  # idle now: the probe generates, and it works
+    assert engine.last_error is None
+
+
+def test_replica_answers_a_failing_request_alone(engine):
+    """The replica's batch handler: a request that fails inside generate (a seed past torch's
+    range, as before the API bounded it) gets its own error; the others in its batch answer."""
+    import asyncio
+
+    from serving.replica import generate_isolated
+
+    good = [_req(q, None, 8, temperature=0.8, seed=i) for i, q in enumerate(QUESTIONS)]
+    bad = _req(QUESTIONS[0], None, 8, temperature=0.8, seed=2**70)
+    expected = [engine.generate([r])[0] for r in good]
+    results = asyncio.run(generate_isolated(engine, [good[0], bad, *good[1:]]))
+    assert isinstance(results[1], ValueError)
+    answers = [results[0], *results[2:]]
+    assert all(isinstance(a, GenerationResult) for a in answers), answers
+    assert [a.text for a in answers] == [e.text for e in expected]

@@ -21,10 +21,13 @@ from serving.api import (
     check_api_key,
     max_body_bytes,
     parse_body,
+    read_body,
+    served_device,
     sse,
 )
 from tinyqa.config import ServeSettings
 from tinyqa.errors import ConfigError, PromptTooLong, UnknownAdapter
+from tinyqa.secrets import KeyDigest
 
 REPO = Path(__file__).resolve().parents[2]
 JSON = "application/json"
@@ -184,13 +187,15 @@ def test_body_limit_covers_the_largest_valid_request():
 
 # ----- auth -----
 def test_api_key():
+    digest = KeyDigest.of("s3cret")
     check_api_key(None, None)  # no key configured: open
     check_api_key("Bearer anything", None)
-    check_api_key("Bearer s3cret", "s3cret")
-    check_api_key("bearer s3cret", "s3cret")
-    for header in (None, "", "Bearer", "Basic s3cret", "Bearer wrong", "Bearer s3cret2", "s3cret"):
+    check_api_key("Bearer s3cret", digest)
+    check_api_key("bearer s3cret", digest)
+    bad = (None, "", "Bearer", "Basic s3cret", "Bearer wrong", "Bearer s3cret2", "s3cret")
+    for header in (*bad, "Bearer \udcff", "Bearer sécret"):
         with pytest.raises(ApiError) as info:
-            check_api_key(header, "s3cret")
+            check_api_key(header, digest)
         assert info.value.status == 401
         assert info.value.headers == {"WWW-Authenticate": "Bearer"}
 
@@ -357,9 +362,9 @@ def test_shipped_configs_build_an_app(config, gpus, tmp_path):
     assert model["ray_actor_options"]["num_gpus"] == gpus
 
 
-def test_application_binds_one_config_dict_and_the_key_apart(tmp_path, monkeypatch):
-    """deploy() hands the config object over; it becomes one dict, without the key, which the
-    ingress gets as its own argument (resolved once, on the driver)."""
+def test_application_binds_one_config_dict_and_only_a_key_digest(tmp_path, monkeypatch):
+    """deploy() hands the config object over; it becomes one dict, without the key; the ingress
+    gets a salted digest of the key (resolved once, on the driver), never the key."""
     from serving.app import application, resolved
     from tinyqa.config import build_config, load_config
 
@@ -373,8 +378,110 @@ def test_application_binds_one_config_dict_and_the_key_apart(tmp_path, monkeypat
     ingress = application(cfg)._bound_deployment
     model_app, config, plan, api_key = ingress.init_args
     model = model_app._bound_deployment
-    assert api_key == "from-config"  # serve.api_key wins over $TINYQA_API_KEY
+    digest = KeyDigest.from_dict(api_key)
+    assert digest.matches("from-config")  # serve.api_key wins over $TINYQA_API_KEY
+    assert not digest.matches("from-env")
+    from ray import cloudpickle
+
+    # What Serve ships to the controller and keeps (arguments, options) holds no key.
+    assert b"from-config" not in cloudpickle.dumps(application(cfg))
     assert config == cfg.to_dict() and "api_key" not in config["serve"]
     assert model.init_args == (config, plan)  # both deployments get the same dict
     assert build_config(config).serve.port == 8124  # and it validates on the far side
     assert plan["default_adapter"] is None  # nothing trained under tmp_path: the base model
+
+
+# ----- hostile input (issue 12) -----
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"question": "\xff\xfe"}',  # not UTF-8
+        b'{"question": "why \\ud800?"}',  # a lone surrogate escape: not text
+        b'{"question": "q", "\\udfff": 1}',  # ... in a key
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than the parser's recursion
+        b'{"question": "q", "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"question": "q", "seed": ' + b"9" * 5000 + b"}",  # past Python's int-digits limit
+    ],
+)
+def test_hostile_bodies_are_400_invalid_json(raw):
+    with pytest.raises(ApiError) as info:
+        _parse(raw)
+    assert (info.value.status, info.value.code) == (400, "invalid_json")
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 2**70])
+def test_seed_outside_torch_range_is_400(seed):
+    with pytest.raises(ApiError) as info:
+        _parse({"question": "q", "seed": seed})
+    assert info.value.status == 400 and "seed" in info.value.message
+    with pytest.raises(ApiError):
+        _parse(
+            {"messages": [{"role": "user", "content": "q"}], "seed": seed}, ChatCompletionRequest
+        )
+    for ok in (0, 2**64 - 1, -(2**63)):
+        assert _parse({"question": "q", "seed": ok}).seed == ok
+
+
+def test_tiny_temperatures_are_greedy():
+    for t, expected in ((1e-40, 0.0), (5e-324, 0.0), (0.009, 0.0), (0.01, 0.01), (0.7, 0.7)):
+        assert ask_generation(_parse({"question": "q", "temperature": t}), LIMITS).temperature == (
+            expected
+        )
+    chat = _parse(
+        {"messages": [{"role": "user", "content": "q"}], "temperature": 1e-40},
+        ChatCompletionRequest,
+    )
+    assert chat_generation(chat, LIMITS).temperature == 0.0
+
+
+def test_error_bodies_survive_surrogates_in_what_they_quote():
+    body = ApiError(400, "unknown field '\udfff'", "unknown_field").body()
+    encoded = json.dumps(body, ensure_ascii=False).encode("utf-8")  # what Starlette does
+    assert b"\\udfff" in encoded
+
+
+async def _chunks(parts):
+    for p in parts:
+        yield p
+
+
+def test_read_body_stops_at_the_limit_without_a_length():
+    import asyncio
+
+    pulled = []
+
+    async def endless():
+        while True:
+            pulled.append(1)
+            yield b"x" * 1000
+
+    with pytest.raises(ApiError) as info:
+        asyncio.run(read_body(endless(), None, 10_500))
+    assert (info.value.status, info.value.code) == (413, "body_too_large")
+    assert len(pulled) == 11  # read only up to the limit, never the whole stream
+    with pytest.raises(ApiError):  # a declared length over the limit: refused before reading
+        asyncio.run(read_body(_chunks([]), "10501", 10_500))
+    assert asyncio.run(read_body(_chunks([b"ab", b"c"]), None, 3)) == b"abc"
+    assert asyncio.run(read_body(_chunks([b"ab"]), "bogus", 3)) == b"ab"
+
+
+def test_openapi_schema_describes_the_request_bodies():
+    from serving.ingress import fastapi_app
+
+    schema = fastapi_app.openapi()
+    paths = schema["paths"]
+    assert set(paths) == {"/healthz", "/v1/models", "/v1/ask", "/v1/chat/completions"}
+    ask = paths["/v1/ask"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    props = schema["components"]["schemas"][ask["$ref"].rsplit("/", 1)[1]]["properties"]
+    assert props["question"]["type"] == "string"
+    seed = next(s for s in props["seed"]["anyOf"] if s.get("type") == "integer")
+    assert (seed["minimum"], seed["maximum"]) == (-(2**63), 2**64 - 1)
+    chat = schema["components"]["schemas"]["ChatCompletionRequest"]
+    assert chat["additionalProperties"] is False and "messages" in chat["required"]
+    assert "ChatMessage" in schema["components"]["schemas"]  # nested models resolve
+
+
+def test_served_device_follows_the_gpu_request():
+    assert served_device(ServeSettings()) == ("cpu", "none")
+    assert served_device(ServeSettings(num_gpus=1)) == ("cuda", "nf4")
+    assert served_device(ServeSettings(num_gpus=1, quantization="bf16")) == ("cuda", "bf16")
