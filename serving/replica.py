@@ -96,7 +96,7 @@ class QAModel:
             self.engine.load(self.plan.default_adapter)
         self.engine.health_check(probe_after_s=0)  # fail the replica now if it cannot generate
         self.continuous = (
-            ContinuousEngine(self.engine, max_batch=s.max_batch_size)
+            ContinuousEngine(self.engine, max_batch=s.max_batch_size, num_threads=s.num_threads)
             if s.engine == "continuous"
             else None
         )
