@@ -176,9 +176,9 @@ class ServeSettings(_Section):
     default_adapter: str | None = Field(None, description="Empty = the one best.json names.")
     quantization: Literal["auto", "nf4", "int8", "none", "bf16"] = "auto"
     engine: Literal["static", "continuous"] = Field(
-        "continuous",
-        description="'continuous': token-level batching (requests join and leave between decode "
-        "steps); 'static': @serve.batch batches, each generated to its end.",
+        "static",
+        description="'static': @serve.batch batches, each generated to its end; 'continuous': "
+        "token-level batching (requests join and leave between decode steps).",
     )
     max_batch_size: int = Field(
         8, ge=1, description="Requests generated together (continuous: sequences per step)."
