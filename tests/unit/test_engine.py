@@ -5,6 +5,7 @@ cancellation, timeouts and streaming from the shared batch."""
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,20 @@ def engine(qa):
     eng = ContinuousEngine(qa, max_batch=3)
     yield eng
     eng.close()
+
+
+def _never_ending(eng: ContinuousEngine, monkeypatch) -> None:
+    """Mask end-of-turn in ``eng``'s logits: its answers run to their token cap, so a test that
+    needs a request still running is not at the mercy of the sampler."""
+    real = eng._forward
+    eos = eng.qa.tokenizer.eos_token_id
+
+    def forward(*args, **kwargs):
+        logits, kv = real(*args, **kwargs)
+        logits[:, eos] = -math.inf
+        return logits, kv
+
+    monkeypatch.setattr(eng, "_forward", forward)
 
 
 def _req(question: str, adapter: str | None, n: int = 16, **kw) -> GenerationRequest:
@@ -149,8 +164,9 @@ def test_streaming_yields_the_same_text(qa, engine):
         assert isinstance(t.result(timeout=60), GenerationResult)
 
 
-def test_cancel_frees_the_slot(qa):
+def test_cancel_frees_the_slot(qa, monkeypatch):
     eng = ContinuousEngine(qa, max_batch=1)
+    _never_ending(eng, monkeypatch)
     try:
         long = _req(QUESTIONS[0], None, 400, temperature=2.0, seed=3)  # rarely stops early
         ticket = eng.submit(long, stream=True)
@@ -159,7 +175,7 @@ def test_cancel_frees_the_slot(qa):
         waiting = eng.submit(_req(QUESTIONS[1], "alpha", 8))  # no slot until the first leaves
         ticket.cancel()
         assert isinstance(waiting.result(timeout=60), GenerationResult)
-        assert eng.steps < 300  # the cancelled sequence left; it did not run to 400 tokens
+        assert eng.steps < 390  # the cancelled sequence left; it did not run to 400 tokens
         assert eng.load == (0, 0)
         # a waiting request cancelled before it was admitted never runs
         blocker = eng.submit(_req(QUESTIONS[2], None, 30))
@@ -171,8 +187,9 @@ def test_cancel_frees_the_slot(qa):
         eng.close()
 
 
-def test_timeout_answers_with_an_error_and_leaves(qa):
+def test_timeout_answers_with_an_error_and_leaves(qa, monkeypatch):
     eng = ContinuousEngine(qa, max_batch=2)
+    _never_ending(eng, monkeypatch)
     try:
         slow = eng.submit(_req(QUESTIONS[0], None, 400, temperature=2.0, seed=1), timeout_s=0.3)
         with pytest.raises(TimeoutError):
@@ -186,21 +203,24 @@ def test_timeout_answers_with_an_error_and_leaves(qa):
 def test_model_failure_fails_the_batch_and_the_engine_recovers(qa, monkeypatch):
     eng = ContinuousEngine(qa, max_batch=4)
     try:
+        _never_ending(eng, monkeypatch)
         real = eng._forward
-        calls = {"n": 0}
+        broken = threading.Event()
 
         def flaky(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] > 2:  # works for a prefill and a step, then the kernel breaks
+            if broken.is_set():
                 raise RuntimeError("injected kernel failure")
             return real(*args, **kwargs)
 
         monkeypatch.setattr(eng, "_forward", flaky)
-        sampled = dict(temperature=2.0, seed=5)  # long answers: still running when it breaks
-        tickets = [eng.submit(_req(q, None, 300, **sampled)) for q in QUESTIONS[:2]]
+        running = eng.submit(_req(QUESTIONS[0], None, 300, temperature=2.0, seed=5), stream=True)
+        next(running.events(timeout=120))  # it is in the batch
+        broken.set()
+        waiting = eng.submit(_req(QUESTIONS[1], None, 30))
+        tickets = [running, waiting]
         for t in tickets:
             with pytest.raises(RuntimeError, match="injected"):
-                t.result(timeout=60)
+                t.result(timeout=120)
         assert qa.last_error is not None  # the health check sees it
         monkeypatch.undo()
         assert isinstance(eng.generate([_req(QUESTIONS[0], None, 8)])[0], GenerationResult)
