@@ -26,6 +26,8 @@ def main(argv: list[str]) -> int:
         from benchmarks.tune import measure_sweep as run
     elif kind == "serve_baseline":
         from benchmarks.serve import measure_baseline as run
+    elif kind == "serve_engines":
+        from benchmarks.serve import measure_engines as run
     elif kind == "serve_load":
         from benchmarks.serve import measure_serving as run
     else:

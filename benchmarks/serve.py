@@ -323,6 +323,7 @@ def bench_serve(
         "quantization": c.serve.quantization,
         "endpoint": endpoint,
         "replicas": replicas if endpoint is None else "as deployed",
+        "engine": c.serve.engine,
         "max_batch_size": c.serve.max_batch_size,
         "batch_wait_timeout_s": c.serve.batch_wait_timeout_s,
         "replica_num_cpus": c.serve.num_cpus,
@@ -334,6 +335,7 @@ def bench_serve(
         "ray_worker_niceness": ray_worker_niceness if endpoint is None else "as deployed",
     }
     result = new_result("serve", quick, settings)
+    result["arms"] = {}
     try:
         if endpoint is None:
             baseline = run_arm(
@@ -350,27 +352,55 @@ def bench_serve(
                 600.0,
                 work / "arms",
             )
-            served = run_arm(
-                "serve_load",
-                {
-                    "name": "serve",
-                    "config": config,
-                    "threads": threads,
-                    "requests": sizes["requests"],
-                    "concurrency": list(sizes["concurrency"]),
-                    "max_new_tokens": max_new,
-                    "worker_niceness": ray_worker_niceness,
-                },
-                600.0 if quick else 1200.0,
-                work / "arms",
+            # The configured engine is arms["serve"]; a full run also deploys the other one and
+            # measures the engines in-process (no Serve, no HTTP) against plain batched generate.
+            engines = (
+                [c.serve.engine]
+                if quick
+                else [c.serve.engine] + [e for e in ("static", "continuous") if e != c.serve.engine]
             )
+            for engine in engines:
+                arm_config = {**config, "serve": {**config["serve"], "engine": engine}}
+                result["arms"]["serve" if engine == c.serve.engine else f"serve_{engine}"] = (
+                    run_arm(
+                        "serve_load",
+                        {
+                            "name": f"serve-{engine}",
+                            "config": arm_config,
+                            "threads": threads,
+                            "requests": sizes["requests"],
+                            "concurrency": list(sizes["concurrency"]),
+                            "max_new_tokens": max_new,
+                            "worker_niceness": ray_worker_niceness,
+                        },
+                        600.0 if quick else 1200.0,
+                        work / "arms",
+                    )
+                )
+            served = result["arms"]["serve"]
+            if not quick:
+                result["arms"]["engines"] = run_arm(
+                    "serve_engines",
+                    {
+                        "name": "engines",
+                        "config": config,
+                        "threads": base_threads,
+                        "requests": sizes["requests"],
+                        "concurrency": [c_ for c_ in sizes["concurrency"] if c_ > 1],
+                        "max_new_tokens": max_new,
+                        "arms": ["loop", "batched", "continuous", "continuous-stream"],
+                        "make_adapters": False,
+                    },
+                    1200.0,
+                    work / "arms",
+                )
         else:
             baseline, served = _bench_endpoint(
                 cfg, endpoint.rstrip("/"), sizes, max_new, base_threads, work, result["notes"]
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result["arms"] = {"baseline": baseline, "serve": served}
+    result["arms"].update(baseline=baseline, serve=served)
     _fill_serve_tables(result, baseline, served, quick)
     result["wall_seconds"] = time.perf_counter() - started
     return result
@@ -449,6 +479,7 @@ def _fill_serve_tables(
         "p95 s",
         "req/s",
         "generated tok/s",
+        "TTFT p50 s",
     ]
     rows = []
     if baseline:
@@ -463,23 +494,43 @@ def _fill_serve_tables(
                 baseline["latency_p95_s"],
                 baseline["requests_per_second"],
                 baseline["tokens_per_second"],
+                None,
             ]
         )
-    for label, modes in served["modes"].items():
-        for m in modes.values():
-            rows.append(
-                [
-                    "Serve /v1/ask",
-                    label.split()[0],
-                    m["concurrency"],
-                    m["requests"],
-                    m["errors"],
-                    m["latency_p50_s"],
-                    m["latency_p95_s"],
-                    m["requests_per_second"],
-                    m["tokens_per_second"],
-                ]
-            )
+    engine = result["settings"].get("engine", "static")
+    runs = [(f"Serve /v1/ask ({engine})", served)]
+    runs += [
+        (f"Serve /v1/ask ({k.split('_', 1)[1]})", v)
+        for k, v in result["arms"].items()
+        if k.startswith("serve_") and v
+    ]
+    for label, modes in (result["arms"].get("engines") or {}).items():
+        if not isinstance(modes, dict):
+            continue
+        for arm, by_clients in modes.items():
+            for m in by_clients.values():
+                rows.append(
+                    [f"in-process {arm}", label.split()[0], m["concurrency"], m["requests"]]
+                    + [m["errors"], m["latency_p50_s"], m["latency_p95_s"]]
+                    + [m["requests_per_second"], m["tokens_per_second"], m.get("ttft_p50_s")]
+                )
+    for name, run in runs:
+        for label, modes in run["modes"].items():
+            for m in modes.values():
+                rows.append(
+                    [
+                        name,
+                        label.split()[0],
+                        m["concurrency"],
+                        m["requests"],
+                        m["errors"],
+                        m["latency_p50_s"],
+                        m["latency_p95_s"],
+                        m["requests_per_second"],
+                        m["tokens_per_second"],
+                        None,
+                    ]
+                )
     s = result["settings"]
     result["table"] = {
         "title": f"Serving {s['model']} ({s['max_new_tokens']} new tokens max, "
@@ -535,3 +586,140 @@ def _fill_serve_tables(
     ]
     if quick:
         result["notes"].append("quick run: 16-client figures not measured")
+
+
+# ----------------------------------------------------------------------------- engines, no Serve
+def measure_engines(spec: dict[str, Any]) -> dict[str, Any]:
+    """The generation engines in one process, without Serve or HTTP (spec: config, threads,
+    requests, concurrency, max_new_tokens, arms, adapter_sets, make_adapters).
+
+    Arms: ``loop`` (the seed's way: one question at a time), ``batched`` (plain batched
+    ``generate``: the questions in chunks of ``clients``, each chunk generated to its end: the
+    ceiling of static batching), ``continuous`` and ``continuous-stream`` (closed-loop client
+    threads against :class:`~tinyqa.engine.ContinuousEngine`, non-streamed / streamed).
+    """
+    import threading
+
+    import torch
+
+    from tinyqa.engine import ContinuousEngine
+    from tinyqa.inference import GenerationRequest, QAEngine
+
+    cfg = build_config(spec["config"], "bench serve config")
+    if spec.get("make_adapters"):
+        make_adapters(cfg)
+    torch.set_num_threads(int(spec["threads"]))
+    t = time.perf_counter()
+    qa = QAEngine(
+        cfg.model,
+        cfg.adapters_dir,
+        quantization=cfg.serve.quantization,
+        max_adapters=max(cfg.serve.max_adapters_per_replica, len(ADAPTER_IDS)),
+        system_prompt=cfg.data.system_prompt,
+    )
+    load_seconds = time.perf_counter() - t
+    n_new = int(spec["max_new_tokens"])
+    questions = _questions(cfg, int(spec["requests"]))
+    sets: dict[str, list[str | None]] = {
+        k: v
+        for k, v in {"1 adapter": [ADAPTER_IDS[0]], "4 adapters": list(ADAPTER_IDS)}.items()
+        if k in spec.get("adapter_sets", ("1 adapter", "4 adapters"))
+    }
+
+    def req(i: int, adapters: list[str | None]) -> GenerationRequest:
+        q = [{"role": "user", "content": questions[i]}]
+        return GenerationRequest(q, adapters[i % len(adapters)], n_new)
+
+    def summary(lat: list[float], ttft: list[float], tokens: int, wall: float, c: int) -> dict:
+        return {
+            "concurrency": c,
+            "requests": len(questions),
+            "ok": len(lat),
+            "errors": len(questions) - len(lat),
+            "wall_seconds": wall,
+            "latency_p50_s": percentile(lat, 50),
+            "latency_p95_s": percentile(lat, 95),
+            "ttft_p50_s": percentile(ttft, 50) if ttft else None,
+            "ttft_p95_s": percentile(ttft, 95) if ttft else None,
+            "requests_per_second": len(lat) / wall,
+            "completion_tokens": tokens,
+            "tokens_per_second": tokens / wall,
+        }
+
+    def run_loop(adapters: list[str | None], c: int) -> dict:
+        lat, tokens, started = [], 0, time.perf_counter()
+        for i in range(len(questions)):
+            t0 = time.perf_counter()
+            tokens += qa.generate([req(i, adapters)])[0].completion_tokens
+            lat.append(time.perf_counter() - t0)
+        return summary(lat, [], tokens, time.perf_counter() - started, 1)
+
+    def run_batched(adapters: list[str | None], c: int) -> dict:
+        lat, tokens, started = [], 0, time.perf_counter()
+        for k in range(0, len(questions), c):
+            t0 = time.perf_counter()
+            out = qa.generate([req(i, adapters) for i in range(k, min(k + c, len(questions)))])
+            lat += [time.perf_counter() - t0] * len(out)  # every answer waits for its chunk
+            tokens += sum(r.completion_tokens for r in out)
+        return summary(lat, [], tokens, time.perf_counter() - started, c)
+
+    def run_continuous(adapters: list[str | None], c: int, stream: bool) -> dict:
+        engine = ContinuousEngine(qa, max_batch=max(c, 1))
+        pending = list(range(len(questions)))
+        lock = threading.Lock()
+        lat: list[float] = []
+        ttft: list[float] = []
+        tokens = [0]
+
+        def client() -> None:
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    i = pending.pop(0)
+                t0 = time.perf_counter()
+                first = None
+                for event in engine.submit(req(i, adapters), stream=stream).events(timeout=600):
+                    if first is None:
+                        first = time.perf_counter() - t0
+                    if not isinstance(event, str):
+                        with lock:
+                            lat.append(time.perf_counter() - t0)
+                            ttft.append(first if stream else event.extra["ttft_s"])
+                            tokens[0] += event.completion_tokens
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(c)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.perf_counter() - started
+        engine.close()
+        return summary(lat, ttft, tokens[0], wall, c)
+
+    runners = {
+        "loop": run_loop,
+        "batched": run_batched,
+        "continuous": lambda a, c: run_continuous(a, c, False),
+        "continuous-stream": lambda a, c: run_continuous(a, c, True),
+    }
+    out: dict[str, Any] = {"load_seconds": load_seconds, "threads": torch.get_num_threads()}
+    for label, adapters in sets.items():
+        for r in adapters:  # warm-up: adapters loaded, first-call costs paid
+            qa.generate([GenerationRequest([{"role": "user", "content": "hi"}], r, 2)])
+        for arm in spec["arms"]:
+            for c in [1] if arm == "loop" else spec["concurrency"]:
+                m = runners[arm](adapters, c)
+                out.setdefault(label, {}).setdefault(arm, {})[f"c{c}"] = m
+                logger.info(
+                    "engines %s %s c%d: %.2f req/s, %.1f tok/s, p50 %.2f s, p95 %.2f s",
+                    label,
+                    arm,
+                    c,
+                    m["requests_per_second"],
+                    m["tokens_per_second"],
+                    m["latency_p50_s"] or 0,
+                    m["latency_p95_s"] or 0,
+                )
+    return out

@@ -1,9 +1,11 @@
 """The model side of the QA endpoint: the ``QAModel`` Serve deployment (the torch side).
 
 One base model per replica, autoscaled. Adapters are Serve multiplexed models (the adapter id is
-the multiplexed model id, so requests prefer replicas that have it loaded); ``@serve.batch``
-batches requests, which Serve splits by adapter; generation runs in a thread so the replica keeps
-accepting requests. The engine (:class:`~tinyqa.inference.QAEngine`) locks around ``generate``.
+the multiplexed model id, so requests prefer replicas that have it loaded). Two engines
+(``serve.engine``): ``continuous`` (:class:`~tinyqa.engine.ContinuousEngine`: a scheduler thread
+batches at the token level, mixed adapters in one step, streams from the same batch) and
+``static`` (``@serve.batch`` batches, which Serve splits by adapter, each generated to its end in
+a thread under the :class:`~tinyqa.inference.QAEngine` lock; streams run one request at a time).
 """
 
 import asyncio
@@ -17,9 +19,10 @@ from typing import Any
 import torch
 from ray import serve
 
-from serving.api import SERVER, ApiError
+from serving.api import SERVER, TIMEOUT, ApiError
 from tinyqa.adapters import ServingPlan, configure_adapter_cache
 from tinyqa.config import build_config
+from tinyqa.engine import ContinuousEngine, Event
 from tinyqa.errors import TinyQAError
 from tinyqa.inference import GenerationRequest, GenerationResult, QAEngine
 
@@ -75,6 +78,15 @@ def _failed(e: BaseException) -> dict[str, Any]:
     return {"error": error.to_dict()}
 
 
+def _engine_error(e: TinyQAError | TimeoutError) -> ApiError:
+    """The answer to a request the continuous engine refused or gave up on."""
+    if isinstance(e, TimeoutError):
+        return ApiError(
+            504, f"no answer in time: {e}; retry or ask for fewer tokens", "timeout", TIMEOUT
+        )
+    return ApiError.from_model_error(e)
+
+
 @serve.deployment(name="QAModel")
 class QAModel:
     """One base model with LoRA adapters; methods return ``{"result"}`` or ``{"error"}`` dicts."""
@@ -88,6 +100,8 @@ class QAModel:
         configure_adapter_cache(self.cfg)
         s = self.cfg.serve
         self.device, self.quantization = _device_and_quantization(s.quantization)
+        if s.num_threads:
+            torch.set_num_threads(s.num_threads)
         self.engine = QAEngine(
             self.plan.base,
             self.plan.adapter_root,
@@ -110,12 +124,18 @@ class QAModel:
         if self.plan.default_adapter:
             self.engine.load(self.plan.default_adapter)
         self.engine.health_check(probe_after_s=0)  # fail the replica now if it cannot generate
+        self.continuous = (
+            ContinuousEngine(self.engine, max_batch=s.max_batch_size, num_threads=s.num_threads)
+            if s.engine == "continuous"
+            else None
+        )
         logger.info(
-            "QAModel ready in %.1f s: %s on %s (quantization %s), default adapter %s",
+            "QAModel ready in %.1f s: %s on %s (quantization %s, %s engine), default adapter %s",
             time.perf_counter() - started,
             self.plan.base_id,
             self.device,
             self.quantization,
+            s.engine,
             self.plan.default_adapter,
         )
 
@@ -152,10 +172,41 @@ class QAModel:
             return {"error": ApiError.from_model_error(e).to_dict()}
         except Exception as e:
             return _failed(e)
-        result = await self._generate_batch(req)
-        if isinstance(result, Exception):
-            return _failed(result)
-        return {"result": asdict(result)}
+        if self.continuous is None:
+            result = await self._generate_batch(req)
+            if isinstance(result, Exception):
+                return _failed(result)
+            return {"result": asdict(result)}
+        try:
+            async for event in self._submit(req, stream=False):
+                if isinstance(event, GenerationResult):
+                    return {"result": asdict(event)}
+        except (TinyQAError, TimeoutError) as e:
+            return {"error": _engine_error(e).to_dict()}
+        raise RuntimeError("the engine ended a request without a result")  # a bug: 500
+
+    async def _submit(self, req: GenerationRequest, stream: bool):
+        """Events of one request from the continuous engine, without a thread per request; the
+        request leaves the batch when this generator is closed or cancelled (client gone)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        ticket = self.continuous.submit(
+            req,
+            stream=stream,
+            on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+            # a backstop: the ingress answers 504 and cancels us at request_timeout_s
+            timeout_s=self.cfg.serve.request_timeout_s + 5.0,
+        )
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, GenerationResult):
+                    return
+        finally:
+            ticket.cancel()  # no-op once finished
 
     async def stream(self, payload: dict[str, Any]):
         """Yield ``{"error"}`` or ``{"start"}``, then ``{"text"}`` pieces, then ``{"result"}``."""
@@ -169,6 +220,20 @@ class QAModel:
             yield _failed(e)
             return
         yield {"start": {"prompt_tokens": prompt_tokens}}
+        if self.continuous is not None:
+            started = False
+            try:
+                async for event in self._submit(req, stream=True):
+                    if isinstance(event, str):
+                        text = event if started else event.lstrip()
+                        if text:
+                            started = True
+                            yield {"text": text}
+                    else:
+                        yield {"result": asdict(event)}
+            except (TinyQAError, TimeoutError) as e:
+                yield {"error": _engine_error(e).to_dict()}
+            return
         cancel = threading.Event()
         events = self.engine.stream_events(req, cancel=cancel)
         started = False  # the non-streamed answer is stripped: drop leading whitespace here too

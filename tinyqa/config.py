@@ -187,7 +187,17 @@ class ServeSettings(_Section):
     adapter_root: str | None = Field(None, description="Empty = <storage>/<experiment>/adapters.")
     default_adapter: str | None = Field(None, description="Empty = the one best.json names.")
     quantization: Literal["auto", "nf4", "int8", "none", "bf16"] = "auto"
-    max_batch_size: int = Field(8, ge=1)
+    engine: Literal["static", "continuous"] = Field(
+        "static",
+        description="'static': @serve.batch batches, each generated to its end; 'continuous': "
+        "token-level batching (requests join and leave between decode steps).",
+    )
+    max_batch_size: int = Field(
+        8, ge=1, description="Requests generated together (continuous: sequences per step)."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="torch threads per model replica; empty = torch's choice."
+    )
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_adapters_per_replica: int = Field(4, ge=1)
     min_replicas: int = Field(1, ge=0)

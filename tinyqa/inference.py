@@ -126,8 +126,12 @@ class QAEngine:
             return fetch_adapter(self._extra[adapter_id])
         return fetch_adapter(resolve_adapter(self.adapter_root, adapter_id))
 
-    def _ensure_loaded(self, adapter_id: str) -> str:
-        """Load ``adapter_id`` if needed (LRU-evicting one past the cap); its PEFT name."""
+    def _ensure_loaded(self, adapter_id: str, keep: set[str] | frozenset[str] = frozenset()) -> str:
+        """Load ``adapter_id`` if needed (LRU-evicting one past the cap); its PEFT name.
+
+        Adapters in ``keep`` (in use by running sequences) are never evicted; when all loaded
+        ones are, the cap is exceeded until they finish rather than failing the request.
+        """
         if adapter_id in self._loaded:
             self._loaded.move_to_end(adapter_id)
             return self._loaded[adapter_id]
@@ -139,9 +143,13 @@ class QAEngine:
                 f"but this engine serves {self.base_id!r}"
             )
         if len(self._loaded) >= self.max_adapters:
-            evicted, evicted_name = self._loaded.popitem(last=False)
-            delete_adapter(self.model, evicted_name)
-            logger.info("evicted adapter %s (LRU, cap %d)", evicted, self.max_adapters)
+            evictable = [a for a in self._loaded if a not in keep]  # least recently used first
+            if evictable:
+                evicted_name = self._loaded.pop(evictable[0])
+                delete_adapter(self.model, evicted_name)
+                logger.info("evicted adapter %s (LRU, cap %d)", evictable[0], self.max_adapters)
+            else:
+                logger.warning("all %d adapters are in use: loading one past the cap", len(keep))
         # Adapter ids may hold '.', which PEFT rejects in module names: load under a safe name.
         self._names_used += 1
         name = f"a{self._names_used}_" + re.sub(r"[^A-Za-z0-9_]", "_", adapter_id)

@@ -7,6 +7,7 @@ API key and a one-slot queue covers auth and back-pressure.
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +26,8 @@ QUESTIONS = [
     "How can I sort a list of dicts by a key?",
     "What is json.loads used for?",
 ]
+# The engine under test: the default, or the other one with TINYQA_TEST_SERVE_ENGINE=continuous.
+ENGINE = os.environ.get("TINYQA_TEST_SERVE_ENGINE", "static")
 LIMITS = [
     "serve.max_question_chars=2000",
     "serve.max_prompt_tokens=64",
@@ -72,6 +75,7 @@ def _config(storage: Path, *overrides: str):
             "serve.num_cpus=0.5",
             "serve.min_replicas=1",
             "serve.max_replicas=1",
+            f"serve.engine={ENGINE}",
             *LIMITS,
             *overrides,
         ],
