@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 PLAIN_EVERY = 30.0
 """Seconds between two plain progress lines (stage changes and trial ends always print)."""
+HEARTBEAT_EVERY = 60.0
+"""Plain mode: after this long without a line, say which stage is still running (slow starts)."""
 LIVE_REFRESH = 2.0  # live view redraws per second
 MAX_TRIAL_ROWS = 12  # a bigger sweep shows its running trials first, then the best finished ones
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -148,6 +150,7 @@ class ConsoleView:
         self._per_trial_steps: int | None = None
         self._live: Any = None
         self._drains: list[Any] = []
+        self._stopped = threading.Event()
         self._rich: Any = None
         if live:
             from rich.console import Console
@@ -161,6 +164,7 @@ class ConsoleView:
     def message(self, text: str) -> None:
         """A line a person must see (a warning, a failure, where the log is), in both modes."""
         with self._lock:
+            self._last_plain = time.monotonic()
             if self._rich is not None:
                 self._rich.print(text, markup=False, highlight=False, soft_wrap=True)
             else:
@@ -176,8 +180,22 @@ class ConsoleView:
             self._last_plain = now
             self.message(text)
 
+    def _heartbeat(self) -> None:
+        while not self._stopped.wait(min(5.0, HEARTBEAT_EVERY)):
+            with self._lock:
+                if time.monotonic() - self._last_plain >= HEARTBEAT_EVERY:
+                    status = self._bar_text() if self.bar is not None else ""
+                    stage = self.stage or self.command
+                    took = fmt_seconds(time.monotonic() - self.stage_started)
+                    self._last_plain = time.monotonic()
+                    self.message(
+                        f"{stage}: still running ({took})" + (f"; {status}" if status else "")
+                    )
+
     def start(self) -> None:
+        self._last_plain = time.monotonic()
         if self._rich is None:
+            threading.Thread(target=self._heartbeat, name="tinyqa-heartbeat", daemon=True).start()
             return
         from rich.live import Live
 
@@ -193,6 +211,7 @@ class ConsoleView:
         self._live.start()
 
     def stop(self) -> None:
+        self._stopped.set()
         if self._live is not None:
             self._live.stop()
             self._live = None
@@ -342,16 +361,20 @@ class ConsoleView:
         pick = min if sweep_mode(self.cfg) == "min" else max
         return pick(scored, key=lambda r: r.metric)
 
-    def _bar_text(self) -> str:
+    def _bar_text(self, compact: bool = False) -> str:
+        """``45/240 steps (18%) · elapsed 1m02s · ETA 4m40s · loss 3.2000 · eval_loss 3.3000``;
+        ``compact`` (the live view, whose header shows the time) drops the elapsed time."""
         bar, now = self.bar, time.monotonic()
         parts = []
         if bar is not None:
             total = f"/{bar.total}" if bar.total else ""
             pct = f" ({100 * bar.done // bar.total}%)" if bar.total else ""
             parts.append(f"{bar.done}{total} {bar.unit}{pct}")
-            parts.append(f"elapsed {fmt_seconds(now - bar.started)}")
+            if not compact:
+                parts.append(f"elapsed {fmt_seconds(now - bar.started)}")
             parts.append(f"ETA {fmt_seconds(bar.eta(now))}")
-        parts += [f"{k} {v:.4f}" for k, v in self.metrics.items()]
+        digits = 3 if compact else 4
+        parts += [f"{k} {v:.{digits}f}" for k, v in self.metrics.items()]
         return " · ".join(parts)
 
     # ------------------------------------------------------------------ live view
@@ -379,13 +402,15 @@ class ConsoleView:
             bar = self.bar
             if bar is not None:
                 grid = Table.grid(padding=(0, 1))
+                grid.add_column(no_wrap=True)
+                grid.add_column(no_wrap=True, overflow="ellipsis")
                 grid.add_row(
-                    ProgressBar(total=bar.total or None, completed=bar.done, width=32),
-                    Text(self._bar_text()),
+                    ProgressBar(total=bar.total or None, completed=bar.done, width=24),
+                    Text(self._bar_text(compact=True)),
                 )
                 parts.append(grid)
             elif self.metrics:
-                parts.append(Text(self._bar_text()))
+                parts.append(Text(self._bar_text(compact=True)))
             if self.trials:
                 parts.append(self._trial_table())
             return Group(*parts)
@@ -530,6 +555,7 @@ def session(cfg: TinyQAConfig, command: str, verbose: bool = False) -> Iterator[
         finally:
             view.close()
             view.stop()
+            _disconnect_ray()
             logging.getLogger("tinyqa").removeHandler(handler)
             logging.captureWarnings(False)
             root.setLevel(old_level)
@@ -537,6 +563,18 @@ def session(cfg: TinyQAConfig, command: str, verbose: bool = False) -> Iterator[
                 view.message(
                     f"tinyqa {command}: failed after {view._elapsed()}; full log in {path}"
                 )
+
+
+def _disconnect_ray() -> None:
+    """Leave Ray while the descriptors still point at the log: Ray keeps streaming worker output
+    to the driver until it disconnects. (An endpoint lives on its detached cluster; a local Ray
+    ends with this process anyway.)"""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:
+            logger.debug("ray.shutdown failed", exc_info=True)
 
 
 def _unset_sink() -> None:
