@@ -146,7 +146,8 @@ class ConsoleView:
         self.metrics: dict[str, float] = {}
         self.trials: dict[str, TrialRow] = {}
         self._lock = threading.RLock()
-        self._last_plain = 0.0
+        self._last_plain = 0.0  # any plain line (the heartbeat waits for silence)
+        self._last_progress: float | None = None  # this stage's last progress line
         self._per_trial_steps: int | None = None
         self._live: Any = None
         self._drains: list[Any] = []
@@ -176,8 +177,10 @@ class ConsoleView:
         if self._rich is not None:
             return
         now = time.monotonic()
-        if force or now - self._last_plain >= self.plain_every:
-            self._last_plain = now
+        # The first progress line of a stage prints at once, later ones every plain_every.
+        last = self._last_progress
+        if force or last is None or now - last >= self.plain_every:
+            self._last_progress = now
             self.message(text)
 
     def _heartbeat(self) -> None:
@@ -223,7 +226,7 @@ class ConsoleView:
             now = time.monotonic()
             if event == "running":
                 self.stage, self.stage_started = stage, now
-                self.bar, self.metrics = None, {}
+                self.bar, self.metrics, self._last_progress = None, {}, None
                 self.stages[stage] = "running"
                 if self._rich is None:
                     self.message(f"stage {stage}: running")
@@ -483,21 +486,25 @@ class _ConsoleLogHandler(logging.Handler):
 
 
 @contextlib.contextmanager
-def _redirect_fds(target: Path) -> Iterator[TextIO]:
-    """Point file descriptors 1 and 2 at ``target``; yield a stream on the original stdout."""
+def _redirect_fds(target: Path) -> Iterator[tuple[TextIO, TextIO]]:
+    """Point file descriptors 1 and 2 at ``target``; yield a stream on the original stdout and
+    the log stream."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     console = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding="utf-8", errors="replace")
+    old_stdout, old_stderr = sys.stdout, sys.stderr
     with open(target, "a", buffering=1, encoding="utf-8") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+        # Python-level writers too, where sys.stdout is not descriptor 1 (pytest, notebooks).
+        sys.stdout = sys.stderr = log
         try:
-            yield console
+            yield console, log
         finally:
             with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
+                log.flush()
+            sys.stdout, sys.stderr = old_stdout, old_stderr
             os.dup2(saved_out, 1)
             os.dup2(saved_err, 2)
             os.close(saved_out)
@@ -537,10 +544,21 @@ def session(cfg: TinyQAConfig, command: str, verbose: bool = False) -> Iterator[
 
     path = _open_log(cfg, command)
     root = logging.getLogger()
-    with _redirect_fds(path) as out:
+    console_streams = {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__}
+    with _redirect_fds(path) as (out, log):
         view = ConsoleView(command, cfg, out, live=live, log_file=path, width=width)
-        # The log file gets every logger at INFO (basicConfig's handler already writes to what is
-        # now the log file); tinyqa's warnings also reach the console.
+        # The log file gets every logger at INFO, through one handler of ours (console handlers
+        # set up before, e.g. basicConfig's, step aside); tinyqa's warnings also reach the console.
+        parked = [
+            h
+            for h in root.handlers
+            if type(h) is logging.StreamHandler and h.stream in console_streams
+        ]
+        for h in parked:
+            root.removeHandler(h)
+        file_handler = logging.StreamHandler(log)
+        file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(file_handler)
         handler = _ConsoleLogHandler(view)
         logging.getLogger("tinyqa").addHandler(handler)
         logging.captureWarnings(True)
@@ -557,6 +575,9 @@ def session(cfg: TinyQAConfig, command: str, verbose: bool = False) -> Iterator[
             view.stop()
             _disconnect_ray()
             logging.getLogger("tinyqa").removeHandler(handler)
+            root.removeHandler(file_handler)
+            for h in parked:
+                root.addHandler(h)
             logging.captureWarnings(False)
             root.setLevel(old_level)
             if not ok:
