@@ -119,7 +119,7 @@ def test_session_sends_the_stream_to_the_log_file(cfg, capfd):
         os.write(1, b"raw fd noise\n")
         os.write(2, b"core_worker.cc noise\n")
         print("print noise")
-        logging.getLogger("ray.serve").warning("serve access log")
+        logging.getLogger("some.thirdparty").warning("serve access log")
         logging.getLogger("tinyqa.training").warning("a warning the user must see")
         view.message("a console line")
     out, err = capfd.readouterr()
