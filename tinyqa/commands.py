@@ -194,7 +194,9 @@ def _pipeline_summary(report: Any, cfg: TinyQAConfig, args: argparse.Namespace) 
     lines.append(f"  tinyqa eval {where} eval.path=my_questions.json   # your own QA file")
     lines.append(f"  tinyqa runs {where}")
     if report.url:
-        lines.append(f"  tinyqa serve --shutdown {where}")
+        lines.append(
+            f"  tinyqa serve --shutdown {where}   # then `ray stop` for the local Ray cluster"
+        )
     return "\n".join(lines)
 
 

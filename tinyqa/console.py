@@ -232,11 +232,14 @@ class ConsoleView:
                     self.message(f"stage {stage}: running")
             elif event == "skipped":
                 self.stages[stage] = "skipped"
-                self.message(f"stage {stage}: done before, skipped")
+                if self._rich is None:
+                    self.message(f"stage {stage}: done before, skipped")
             else:
                 self.stages[stage] = event
                 took = fmt_seconds(now - self.stage_started)
-                if event == "done":
+                if event == "done" and self._rich is not None:
+                    pass  # the live view shows it; the command's report has the stage table
+                elif event == "done":
                     extra = ""
                     if stage == "tune" and self.trials:
                         extra = f" ({len(self.trials)} trials)"
@@ -305,7 +308,7 @@ class ConsoleView:
                 row.status, row.error = "ERROR", error
                 log = f"; full log: {self.log_file}" if self.log_file else ""
                 self.message(f"trial {row.label} ({self._params(row)}) failed: {error}{log}")
-            elif kind == "complete":
+            elif kind == "complete" and self._rich is None:  # live: the table shows it
                 value = f", {metric} {_fmt_metric(row.metric)}" if row.metric is not None else ""
                 self.message(
                     f"trial {row.label} ({self._params(row)}) finished at iteration "

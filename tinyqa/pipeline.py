@@ -339,7 +339,13 @@ def format_report(report: PipelineReport) -> str:
         for a in report.answers:
             lines.append(f"  Q: {a['question']}\n  A: {a['answer']}   [{a['adapter']}]")
     if report.artifacts:
-        lines += ["", "Artifacts:"] + [f"  {k}: {v}" for k, v in report.artifacts.items()]
+        # One line (wrapped by the terminal): the report must fit a screen with the rest.
+        run = str(report.cfg.run_dir)
+        names = [
+            v[len(run) + 1 :] + ("/" if Path(v).is_dir() else "") if v.startswith(run + "/") else v
+            for v in report.artifacts.values()
+        ]
+        lines += ["", f"Artifacts in {run}/: " + ", ".join(names)]
     if report.url:
         adapter = report.best["adapter_id"] if report.best else "ADAPTER"
         lines += [
@@ -350,6 +356,5 @@ def format_report(report: PipelineReport) -> str:
             f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{report.url}/v1', api_key='none'); "
             f"print(c.chat.completions.create(model='{adapter}', messages=[{{'role': 'user', 'content': "
             "'What does `json.dumps` do?'}]).choices[0].message.content)\"",
-            "Stop it with: tinyqa serve --shutdown   (and `ray stop` to stop the local Ray cluster)",
         ]
     return "\n".join(lines)
