@@ -187,7 +187,7 @@ class ConsoleView:
         while not self._stopped.wait(min(5.0, HEARTBEAT_EVERY)):
             with self._lock:
                 if time.monotonic() - self._last_plain >= HEARTBEAT_EVERY:
-                    status = self._bar_text() if self.bar is not None else ""
+                    status = self._bar_text(compact=True) if self.bar is not None else ""
                     stage = self.stage or self.command
                     took = fmt_seconds(time.monotonic() - self.stage_started)
                     self._last_plain = time.monotonic()
@@ -289,7 +289,8 @@ class ConsoleView:
     ) -> None:
         with self._lock:
             row = self.trials.setdefault(trial_id, TrialRow(trial_id, dict(params)))
-            row.status = status
+            # Tune calls on_trial_start just before it marks the trial RUNNING.
+            row.status = "RUNNING" if kind == "start" else status
             metric = self.cfg.tune.metric
             if result is not None:
                 row.iteration = int(result.get("training_iteration", row.iteration) or 0)
