@@ -96,6 +96,10 @@ def _run(args: argparse.Namespace, prefix: str) -> int:
     """
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
+    if not verbose:
+        # One INFO line per HTTP request (ask, runs, the pipeline's health checks) is noise.
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     command = COMMANDS[args.command]
     try:
         cfg = load_cli_config(args)

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"  # tinyqa.pipeline.STATE_FILE (that module imports more)
 HEALTH_TIMEOUT_S = 2.0
+STAGE_ORDER = ("prepare", "tune", "eval", "serve", "query")  # tinyqa.pipeline.STAGES
 KEY_METRICS = ("eval_loss", "eval_loss_initial", "train_loss", "steps")
 
 
@@ -145,7 +146,7 @@ def format_runs(runs: dict[str, Any], width: int = 120) -> str:
     for name in ("experiment", "stages done", "best adapter", "endpoint"):
         exps.add_column(name)
     for e in runs["experiments"]:
-        done = [s for s, v in e["stages"].items() if v.get("status") == "done"]
+        done = [s for s in STAGE_ORDER if (e["stages"].get(s) or {}).get("status") == "done"]
         best = e["best"] or {}
         best_text = best.get("adapter_id") or "-"
         if isinstance(best.get("value"), (int, float)):
@@ -153,7 +154,7 @@ def format_runs(runs: dict[str, Any], width: int = 120) -> str:
         exps.add_row(e["experiment"], ",".join(done) or "-", best_text, e["endpoint"] or "-")
     console.print(exps)
     if not any(e["adapters"] for e in runs["experiments"]):
-        return buf.getvalue().rstrip() + "\n\nno adapters yet"
+        return _strip(buf.getvalue()) + "\n\nno adapters yet"
     adapters = Table(box=box.SIMPLE_HEAD, title="adapters", title_justify="left")
     for name in (
         "experiment",
@@ -186,7 +187,12 @@ def format_runs(runs: dict[str, Any], width: int = 120) -> str:
             )
     console.print()
     console.print(adapters)
-    return buf.getvalue().rstrip()
+    return _strip(buf.getvalue())
+
+
+def _strip(text: str) -> str:
+    # rich pads every row to the table width; trailing spaces are noise in logs and pipes.
+    return "\n".join(line.rstrip() for line in text.rstrip().splitlines())
 
 
 def run_runs(cfg: TinyQAConfig, as_json: bool = False) -> str:
