@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 PLAIN_EVERY = 30.0
 """Seconds between two plain progress lines (stage changes and trial ends always print)."""
 HEARTBEAT_EVERY = 60.0
-"""Plain mode: after this long without a line, say which stage is still running (slow starts)."""
+"""Plain mode: after this long without a line, say which stage is still running (slow starts).
+The wait doubles after each such line within a stage, so a slow machine adds few lines."""
 LIVE_REFRESH = 2.0  # live view redraws per second
 MAX_TRIAL_ROWS = 12  # a bigger sweep shows its running trials first, then the best finished ones
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -152,6 +153,7 @@ class ConsoleView:
         self._live: Any = None
         self._drains: list[Any] = []
         self._stopped = threading.Event()
+        self._heartbeat_every = HEARTBEAT_EVERY
         self._rich: Any = None
         if live:
             from rich.console import Console
@@ -186,7 +188,8 @@ class ConsoleView:
     def _heartbeat(self) -> None:
         while not self._stopped.wait(min(5.0, HEARTBEAT_EVERY)):
             with self._lock:
-                if time.monotonic() - self._last_plain >= HEARTBEAT_EVERY:
+                if time.monotonic() - self._last_plain >= self._heartbeat_every:
+                    self._heartbeat_every *= 2
                     status = self._bar_text(compact=True) if self.bar is not None else ""
                     stage = self.stage or self.command
                     took = fmt_seconds(time.monotonic() - self.stage_started)
@@ -227,6 +230,7 @@ class ConsoleView:
             if event == "running":
                 self.stage, self.stage_started = stage, now
                 self.bar, self.metrics, self._last_progress = None, {}, None
+                self._heartbeat_every = HEARTBEAT_EVERY
                 self.stages[stage] = "running"
                 if self._rich is None:
                     self.message(f"stage {stage}: running")

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import time
 
 import pytest
 from rich.console import Console
@@ -165,3 +166,17 @@ def test_console_module_stays_light():
     assert "ray" not in console_mod.__dict__
     assert console_mod.is_interactive(io.StringIO()) is False
     assert isinstance(sys.modules["tinyqa.console"], type(sys))
+
+
+def test_plain_heartbeat_backs_off(cfg, monkeypatch):
+    """A stage with nothing to report says it is alive, ever less often (60 s, 120 s, 240 s...)."""
+    monkeypatch.setattr(console_mod, "HEARTBEAT_EVERY", 0.05)
+    out = io.StringIO()
+    view = ConsoleView("tune", cfg, out)
+    view.start()
+    view.begin("tune")
+    time.sleep(1.0)
+    view.stop()
+    beats = [line for line in out.getvalue().splitlines() if "still running" in line]
+    # 0.05 + 0.1 + 0.2 + 0.4 s fit in one second; a fixed interval would give far more.
+    assert 2 <= len(beats) <= 5
