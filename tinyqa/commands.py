@@ -181,17 +181,19 @@ def _pipeline_summary(report: Any, cfg: TinyQAConfig, args: argparse.Namespace) 
     view = getattr(args, "console", None)
     if view is not None and view.log_file is not None:
         lines.append(f"Logs: {view.log_file}")
-    config = args.config
-    if config is None and COMMANDS[args.command].default_config is not None:
-        config = load(COMMANDS[args.command].default_config)()
-    where = _locating_args(config, list(args.overrides))
+    # The config as the user gave it (the demo's embedded default needs no naming): the
+    # follow-ups stay short enough to read and to fit the report on one screen.
+    where = _locating_args(args.config, list(args.overrides))
     lines += ["", "Next:"]
     if report.url:
         lines += [
             f'  tinyqa ask "What does json.dumps do?" --endpoint {report.url}',
             f"  tinyqa chat --endpoint {report.url}",
         ]
-    lines.append(f"  tinyqa eval {where} eval.path=my_questions.json   # your own QA file")
+    lines.append(
+        f"  tinyqa {args.command} --stages eval {where} eval.path=my_questions.json"
+        "   # score on your own QA file"
+    )
     lines.append(f"  tinyqa runs {where}")
     if report.url:
         lines.append(

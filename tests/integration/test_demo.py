@@ -92,7 +92,7 @@ def test_demo_console_is_short_and_plain(demo_run):
     logs = list((run / "logs").glob("demo-*.log"))
     assert len(logs) == 1 and "RayTrainWorker" in logs[0].read_text()
     assert f"Logs: {logs[0]}" in proc.stdout and "Total time:" in proc.stdout
-    for follow_up in ("tinyqa ask", "tinyqa chat --endpoint", "tinyqa eval", "serve --shutdown"):
+    for follow_up in ("tinyqa ask", "tinyqa chat --endpoint", "--stages eval", "serve --shutdown"):
         assert follow_up in proc.stdout
     assert f"serve.port={port}" in proc.stdout  # the follow-ups reach this run's endpoint
 
