@@ -14,6 +14,7 @@ import sys
 
 from tinyqa.commands import COMMANDS, Command, load
 from tinyqa.config import TinyQAConfig, load_config
+from tinyqa.console import LOG_FORMAT, session
 from tinyqa.errors import TinyQAError
 
 EXIT_USER_ERROR = 2
@@ -24,13 +25,26 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=2"
     )
-    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    # SUPPRESS: not given after the command, the top-level flag (``tinyqa -v demo``) stands.
+    p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="the full stream on the console: Ray, workers, third-party logs, debug logging",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinyqa",
         description="Fine-tune, sweep, evaluate and serve a QA model with LoRA/QLoRA on Ray.",
+    )
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="the full stream on the console: Ray, workers, third-party logs, debug logging",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS.values():
@@ -75,14 +89,26 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 def _run(args: argparse.Namespace, prefix: str) -> int:
     """Load the config and run the parsed command; a user mistake becomes one stderr line
-    (``<prefix>error: <message>``) and exit 2."""
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    (``<prefix>error: <message>``) and exit 2.
+
+    A long command runs inside a console session (:mod:`tinyqa.console`): a live view or plain
+    progress lines, the full stream in a log file; errors and the summary print after it ends.
+    """
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
+    if not verbose:
+        # One INFO line per HTTP request (ask, runs, the pipeline's health checks) is noise.
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    command = COMMANDS[args.command]
     try:
         cfg = load_cli_config(args)
-        code, summary = COMMANDS[args.command].execute(cfg, args)
+        if command.console and not getattr(args, "shutdown", False):
+            with session(cfg, command.name, verbose=verbose) as view:
+                args.console = view
+                code, summary = command.execute(cfg, args)
+        else:
+            code, summary = command.execute(cfg, args)
     except TinyQAError as e:
         print(f"{prefix}error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -105,6 +105,9 @@ class Command:
     ``--config`` is not given."""
     locks: bool = False
     """Writes the experiment: holds its lock (:func:`tinyqa.locking.experiment_lock`) while it runs."""
+    console: bool = False
+    """A long command: runs inside :func:`tinyqa.console.session` (live view or plain lines, the
+    full stream in a log file); its call finds the view as ``args.console``."""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         for a in self.arguments:
@@ -163,8 +166,47 @@ def _eval_summary(result: Any, cfg: TinyQAConfig, args: argparse.Namespace) -> s
     return f"{table}\nwrote {', '.join(str(p) for p in result.paths.values())}"
 
 
+# Overrides that say where a run lives and which endpoint serves it: the follow-up commands a
+# report suggests must carry them to reach the same run.
+_LOCATING_KEYS = ("storage_path", "experiment", "ray_address", "model.name", "serve.")
+
+
+def _locating_args(cfg_path: str | None, overrides: list[str]) -> str:
+    import shlex
+
+    kept = [o for o in overrides if o.split("=", 1)[0].startswith(_LOCATING_KEYS)]
+    words = (["--config", str(cfg_path)] if cfg_path else []) + kept
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def _pipeline_summary(report: Any, cfg: TinyQAConfig, args: argparse.Namespace) -> str:
-    return load("tinyqa.pipeline:format_report")(report)
+    from tinyqa.console import fmt_seconds
+
+    lines = [load("tinyqa.pipeline:format_report")(report), ""]
+    if report.wall_seconds is not None:
+        lines.append(f"Total time: {fmt_seconds(report.wall_seconds)}")
+    view = getattr(args, "console", None)
+    if view is not None and view.log_file is not None:
+        lines.append(f"Logs: {view.log_file}")
+    # The config as the user gave it (the demo's embedded default needs no naming): the
+    # follow-ups stay short enough to read and to fit the report on one screen.
+    where = _locating_args(args.config, list(args.overrides))
+    lines += ["", "Next:"]
+    if report.url:
+        lines += [
+            f'  tinyqa ask "What does json.dumps do?" --endpoint {report.url}',
+            f"  tinyqa chat --endpoint {report.url}",
+        ]
+    lines.append(
+        f"  tinyqa {args.command} --stages eval {where} eval.path=my_questions.json"
+        "   # score on your own QA file"
+    )
+    lines.append(f"  tinyqa runs {where}")
+    if report.url:
+        lines.append(
+            f"  tinyqa serve --shutdown {where}   # then `ray stop` for the local Ray cluster"
+        )
+    return "\n".join(lines)
 
 
 def _serve_summary(url: str | None, cfg: TinyQAConfig, args: argparse.Namespace) -> str:
@@ -179,8 +221,27 @@ def _bench_summary(result: dict[str, Any], cfg: TinyQAConfig, args: argparse.Nam
 
 
 # ----------------------------------------------------------------------------- calls
+def _view(args: argparse.Namespace, stage: str | None = None) -> Any:
+    """The command's console view (None outside a console session), told which stage runs."""
+    view = getattr(args, "console", None)
+    if view is not None and stage is not None:
+        view.begin(stage)
+    return view
+
+
+def _call_train(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namespace) -> Any:
+    view = _view(args, "train")
+    return fn(cfg, callbacks=view.train_callbacks if view else None)
+
+
 def _call_tune(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namespace) -> Any:
-    return fn(cfg, fresh=args.fresh)
+    view = _view(args, "tune")
+    return fn(cfg, fresh=args.fresh, callbacks=view.tune_callbacks() if view else ())
+
+
+def _call_eval(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namespace) -> Any:
+    view = _view(args, "eval")
+    return fn(cfg, on_progress=view.eval_progress if view else None)
 
 
 def _call_ask(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namespace) -> Any:
@@ -208,18 +269,28 @@ def _call_serve(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namesp
     if args.shutdown:
         load(SERVE_SHUTDOWN)(cfg)
         return None
+    _view(args, "serve")
     return fn(cfg, blocking=args.blocking)
 
 
 def _call_pipeline(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namespace) -> Any:
     stages = args.stages.split(",") if args.stages else None
+    view = _view(args)
+    hooks: dict[str, Any] = {}
+    if view is not None:
+        hooks = {
+            "on_stage": view.on_stage,
+            "tune_callbacks": view.tune_callbacks(),
+            "on_eval_progress": view.eval_progress,
+        }
     # The deploy step is resolved only when the serve stage runs, so the other stages work in an
     # environment without the serving package.
-    return fn(cfg, stages=stages, fresh=args.fresh, deploy=lambda c: load(SERVE_DEPLOY)(c))
+    return fn(cfg, stages=stages, fresh=args.fresh, deploy=lambda c: load(SERVE_DEPLOY)(c), **hooks)
 
 
 def _call_bench(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namespace) -> Any:
     options = {"endpoint": args.endpoint} if args.endpoint else {}
+    _view(args, f"bench {args.suite}")
     return fn(cfg, args.suite, out=args.out, quick=args.quick, **options)
 
 
@@ -248,7 +319,9 @@ COMMANDS: dict[str, Command] = {
             "train",
             "fine-tune one adapter on Ray Train",
             "tinyqa.training:run_training",
+            call=_call_train,
             summary=_train_summary,
+            console=True,
             description="Fine-tune one LoRA/QLoRA adapter on Ray Train; writes "
             "<storage>/<experiment>/adapters/<adapter_id>/ with its tinyqa.json manifest.",
             job="train",
@@ -260,6 +333,7 @@ COMMANDS: dict[str, Command] = {
             "tinyqa.tune:run_sweep",
             call=_call_tune,
             summary=_tune_summary,
+            console=True,
             arguments=(
                 arg(
                     "--fresh",
@@ -276,7 +350,9 @@ COMMANDS: dict[str, Command] = {
             "eval",
             "score the base model and adapters on held-out questions",
             "tinyqa.evaluation:run_eval",
+            call=_call_eval,
             summary=_eval_summary,
+            console=True,
             description="Score the base model and adapters on held-out questions; writes "
             "eval.json, the predictions and eval.md.",
             job="evaluate",
@@ -303,6 +379,7 @@ COMMANDS: dict[str, Command] = {
             SERVE_DEPLOY,
             call=_call_serve,
             summary=_serve_summary,
+            console=True,
             arguments=(
                 arg("--shutdown", action="store_true", help="remove the deployed app"),
                 arg("--blocking", action="store_true", help="stay in the foreground until Ctrl-C"),
@@ -324,6 +401,7 @@ COMMANDS: dict[str, Command] = {
             ),
             default_config="tinyqa.pipeline:demo_config_for",
             locks=True,
+            console=True,
         ),
         Command(
             "pipeline",
@@ -331,6 +409,7 @@ COMMANDS: dict[str, Command] = {
             "tinyqa.pipeline:run_pipeline",
             call=_call_pipeline,
             summary=_pipeline_summary,
+            console=True,
             arguments=_STAGE_ARGS,
             description="The whole flow on a cluster: prepare -> sweep -> evaluate -> deploy on "
             "Serve -> query. Rerunning resumes: finished stages are skipped.",
@@ -338,11 +417,23 @@ COMMANDS: dict[str, Command] = {
             locks=True,
         ),
         Command(
+            "runs",
+            "list experiments, adapters, metrics and endpoints under the storage path",
+            "tinyqa.runs:run_runs",
+            call=lambda fn, cfg, args: fn(cfg, as_json=args.json),
+            summary=lambda text, cfg, args: text,
+            arguments=(arg("--json", action="store_true", help="machine-readable output"),),
+            description="What the storage path holds: each experiment's finished pipeline "
+            "stages, its adapters (base model, eval loss, steps, creation time), the one "
+            "best.json names, and whether the configured endpoint (GET /healthz) serves them.",
+        ),
+        Command(
             "bench",
             "benchmarks: training, serving, sweep",
             BENCH_RUN,
             call=_call_bench,
             summary=_bench_summary,
+            console=True,
             arguments=(
                 arg("suite", choices=BENCH_SUITES, help="what to measure"),
                 arg("--out", help="results folder (default <storage>/<experiment>/bench)"),

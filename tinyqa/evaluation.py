@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,25 @@ def _eval_models(cfg: TinyQAConfig) -> list[Path]:
     return [found] if found else []
 
 
-def run_eval(cfg: TinyQAConfig) -> EvalResult:
+class _Counted:
+    """A tqdm bar that also tells ``on_progress(done, total)`` (the console's hook)."""
+
+    def __init__(self, bar: Any, on_progress: Callable[[int, int], None] | None):
+        self.bar, self.on_progress, self.done = bar, on_progress, 0
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.bar.total)
+
+
+def run_eval(
+    cfg: TinyQAConfig, on_progress: Callable[[int, int], None] | None = None
+) -> EvalResult:
     """Answer the eval questions with the base model and the adapters; score, write, return.
+
+    ``on_progress(answers_done, answers_total)`` is called after every generated batch.
 
     Raises :class:`~tinyqa.errors.TinyQAError` subclasses for an unknown adapter, a bad or empty
     question set, adapters on different bases, or nothing to evaluate.
@@ -195,10 +213,11 @@ def run_eval(cfg: TinyQAConfig) -> EvalResult:
     answers: dict[str, list[Any]] = {}
     seconds: dict[str, float] = {}
     with tqdm(total=len(records) * len(models), desc="eval", unit="answer", disable=None) as bar:
+        counted = _Counted(bar, on_progress)
         for model in models:
             t0 = time.perf_counter()
             answers[model.label] = _answer_all(
-                engine, model, records, e.max_new_tokens, e.batch_size, bar
+                engine, model, records, e.max_new_tokens, e.batch_size, counted
             )
             seconds[model.label] = time.perf_counter() - t0
             logger.info("%s: %d answers in %.1f s", model.label, len(records), seconds[model.label])

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -44,6 +44,7 @@ class PipelineReport:
     answers: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)
     best: dict[str, Any] | None = None
+    wall_seconds: float | None = None
 
 
 def demo_config_path(quick: bool = False) -> Path:
@@ -103,8 +104,16 @@ def run_pipeline(
     stages: list[str] | None = None,
     fresh: bool = False,
     deploy: Callable[[TinyQAConfig], str] | None = None,
+    on_stage: Callable[[str, str], None] | None = None,
+    tune_callbacks: Sequence[Any] = (),
+    on_eval_progress: Callable[[int, int], None] | None = None,
 ) -> PipelineReport:
-    """Run the selected stages in order; raises :class:`StageFailed` naming the failing stage."""
+    """Run the selected stages in order; raises :class:`StageFailed` naming the failing stage.
+
+    Progress hooks for a console: ``on_stage(stage, event)`` with event ``running``, ``done``,
+    ``skipped`` or ``failed``; ``tune_callbacks`` go to the sweep (:func:`tinyqa.tune.run_sweep`),
+    ``on_eval_progress`` to :func:`tinyqa.evaluation.run_eval`.
+    """
     from tinyqa.training import check_storage
 
     selected = parse_stages(stages)
@@ -115,10 +124,16 @@ def run_pipeline(
     state = {} if fresh else _load_state(state_path)
     keys = _stage_keys(cfg)
     report = PipelineReport(cfg)
+    began = time.perf_counter()
+
+    def tell(stage: str, event: str) -> None:
+        if on_stage is not None:
+            on_stage(stage, event)
+
     runners = {
         "prepare": _prepare,
-        "tune": lambda c, r: _tune(c, r, fresh),
-        "eval": _eval,
+        "tune": lambda c, r: _tune(c, r, fresh, tune_callbacks),
+        "eval": lambda c, r: _eval(c, r, on_eval_progress),
         "serve": lambda c, r: _serve(c, r, deploy),
         "query": _query,
     }
@@ -132,8 +147,10 @@ def run_pipeline(
             logger.info("stage %s: already done for these inputs; skipping", stage)
             report.stages[stage] = {**prev, "skipped": True}
             _restore(stage, prev, report)
+            tell(stage, "skipped")
             continue
         logger.info("stage %s: running", stage)
+        tell(stage, "running")
         started = time.perf_counter()
         try:
             if stage != "prepare" and "serve" in selected:
@@ -144,12 +161,14 @@ def run_pipeline(
                 connect_persistent(cfg)
             summary = runners[stage](cfg, report)
         except TinyQAError as e:
+            tell(stage, "failed")
             raise StageFailed(
                 f"stage '{stage}' failed: {e}. Fix it and rerun the same command: finished stages "
                 f"are skipped (state in {state_path})"
             ) from e
         except Exception as e:
             logger.exception("stage %s crashed", stage)
+            tell(stage, "failed")
             raise StageFailed(
                 f"stage '{stage}' crashed ({type(e).__name__}: {first_line(e)}); "
                 f"see the log above, then rerun the same command to resume (state in {state_path})"
@@ -163,7 +182,9 @@ def run_pipeline(
         state[stage] = entry
         report.stages[stage] = {**entry, "skipped": False}
         _save_state(state_path, state)
+        tell(stage, "done")
     report.artifacts = _artifacts(cfg)
+    report.wall_seconds = round(time.perf_counter() - began, 1)
     return report
 
 
@@ -205,10 +226,12 @@ def _prepare(cfg: TinyQAConfig, report: PipelineReport) -> dict[str, Any]:
     return {k: stats[k] for k in ("records", "train", "eval", "sha256")}
 
 
-def _tune(cfg: TinyQAConfig, report: PipelineReport, fresh: bool) -> dict[str, Any]:
+def _tune(
+    cfg: TinyQAConfig, report: PipelineReport, fresh: bool, callbacks: Sequence[Any] = ()
+) -> dict[str, Any]:
     from tinyqa.tune import format_table, run_sweep
 
-    result = run_sweep(cfg, fresh=fresh)
+    result = run_sweep(cfg, fresh=fresh, callbacks=callbacks)
     report.sweep_table = format_table(result)
     report.best = result.best
     return {
@@ -220,10 +243,14 @@ def _tune(cfg: TinyQAConfig, report: PipelineReport, fresh: bool) -> dict[str, A
     }
 
 
-def _eval(cfg: TinyQAConfig, report: PipelineReport) -> dict[str, Any]:
+def _eval(
+    cfg: TinyQAConfig,
+    report: PipelineReport,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     from tinyqa.evaluation import format_eval_table, run_eval
 
-    result = run_eval(cfg)
+    result = run_eval(cfg, on_progress=on_progress)
     report.eval_table = format_eval_table(result)
     return {"paths": {k: str(v) for k, v in result.paths.items()}, "table": report.eval_table}
 
@@ -324,7 +351,13 @@ def format_report(report: PipelineReport) -> str:
         for a in report.answers:
             lines.append(f"  Q: {a['question']}\n  A: {a['answer']}   [{a['adapter']}]")
     if report.artifacts:
-        lines += ["", "Artifacts:"] + [f"  {k}: {v}" for k, v in report.artifacts.items()]
+        # One line (wrapped by the terminal): the report must fit a screen with the rest.
+        run = str(report.cfg.run_dir)
+        names = [
+            v[len(run) + 1 :] + ("/" if Path(v).is_dir() else "") if v.startswith(run + "/") else v
+            for v in report.artifacts.values()
+        ]
+        lines += ["", f"Artifacts in {run}/: " + ", ".join(names)]
     if report.url:
         adapter = report.best["adapter_id"] if report.best else "ADAPTER"
         lines += [
@@ -335,6 +368,5 @@ def format_report(report: PipelineReport) -> str:
             f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{report.url}/v1', api_key='none'); "
             f"print(c.chat.completions.create(model='{adapter}', messages=[{{'role': 'user', 'content': "
             "'What does `json.dumps` do?'}]).choices[0].message.content)\"",
-            "Stop it with: tinyqa serve --shutdown   (and `ray stop` to stop the local Ray cluster)",
         ]
     return "\n".join(lines)

@@ -361,11 +361,17 @@ def build_trainer(
     )
 
 
-def run_training(cfg: TinyQAConfig, extra_callbacks: Sequence[CallbackFactory] = ()) -> TrainResult:
+def run_training(
+    cfg: TinyQAConfig,
+    extra_callbacks: Sequence[CallbackFactory] = (),
+    callbacks: Callable[[], Sequence[Any]] | None = None,
+) -> TrainResult:
     """Prepare the data, train on Ray, and return the exported adapter.
 
     ``extra_callbacks``: Trainer callback factories run on every worker after tinyqa's own (see
-    :func:`train_fn_per_worker`; they must be picklable).
+    :func:`train_fn_per_worker`; they must be picklable). ``callbacks``: returns Ray Train
+    ``UserCallback``s (e.g. :class:`tinyqa.progress.TrainProgress`); called once Ray is
+    connected, so it may create Ray objects.
 
     Raises :class:`~tinyqa.errors.TinyQAError` subclasses for user mistakes (bad data, storage) and
     :class:`TrainingFailed` when Ray Train gives up.
@@ -379,7 +385,8 @@ def run_training(cfg: TinyQAConfig, extra_callbacks: Sequence[CallbackFactory] =
     connect(cfg)
     name = run_name(cfg)
     logger.info("training %s (Ray run %s under %s)", cfg.adapter_id, name, cfg.ray_storage)
-    trainer = build_trainer(cfg, name, extra_callbacks=extra_callbacks)
+    user_callbacks = list(callbacks()) if callbacks else None
+    trainer = build_trainer(cfg, name, callbacks=user_callbacks, extra_callbacks=extra_callbacks)
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors in TrainingFailedError

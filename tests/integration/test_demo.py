@@ -82,6 +82,23 @@ def test_demo_leaves_every_artifact(demo_run):
     assert "curl -s" in proc.stdout and "OpenAI(base_url=" in proc.stdout
 
 
+def test_demo_console_is_short_and_plain(demo_run):
+    """Not a terminal: plain lines, at most 120 of them; Ray's and the workers' stream is in the
+    command's log file, whose path the report names."""
+    run, port, proc = demo_run
+    lines = proc.stdout.splitlines() + proc.stderr.splitlines()
+    assert len(lines) <= 120, "\n".join(lines)
+    assert "\x1b" not in proc.stdout + proc.stderr  # no colour or cursor codes
+    for noise in ("RayTrainWorker", "core_worker.cc", "HTTP Request:", "Reporting training result"):
+        assert noise not in proc.stdout + proc.stderr
+    logs = list((run / "logs").glob("demo-*.log"))
+    assert len(logs) == 1 and "RayTrainWorker" in logs[0].read_text()
+    assert f"Logs: {logs[0]}" in proc.stdout and "Total time:" in proc.stdout
+    for follow_up in ("tinyqa ask", "tinyqa chat --endpoint", "--stages eval", "serve --shutdown"):
+        assert follow_up in proc.stdout
+    assert f"serve.port={port}" in proc.stdout  # the follow-ups reach this run's endpoint
+
+
 def test_demo_endpoint_answered_and_stays_up(demo_run):
     run, port, proc = demo_run
     answers = json.loads((run / "pipeline.json").read_text())["query"]["summary"]["answers"]

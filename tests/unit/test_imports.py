@@ -55,6 +55,8 @@ def _heavy_loaded(module: str) -> set[str]:
         ("tinyqa.config", set()),
         ("tinyqa.storage", set()),
         ("tinyqa.chat", set()),  # `chat --endpoint` is an HTTP client: no model stack
+        ("tinyqa.console", set()),  # the CLI imports it; Ray loads only with a long command
+        ("tinyqa.runs", set()),  # `tinyqa runs` reads files and /healthz
         ("serving.api", set()),
         ("serving.deploy", {"ray"}),  # `tinyqa serve --shutdown` needs no model
         ("serving.ingress", {"ray"}),

@@ -418,4 +418,6 @@ def test_job_bad_sweep_exits_2_before_ray(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: sweep config: tune.search.r")
     assert "Traceback" not in out.stderr
-    assert not (tmp_path / "tinyqa").exists()  # nothing written, nothing started
+    # Nothing written, nothing started: only the command's log folder (issue 11) exists.
+    run = tmp_path / "tinyqa"
+    assert not run.exists() or [p.name for p in run.iterdir()] == ["logs"]

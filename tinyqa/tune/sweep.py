@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from tinyqa.cluster import connect, early_stopping_problem, plan_concurrency, trial_resources
@@ -137,14 +138,16 @@ def _searcher(cfg: TinyQAConfig, mode: str, concurrency: int):
     return BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.seed)
 
 
-def run_sweep(cfg: TinyQAConfig, fresh: bool = False) -> SweepResult:
+def run_sweep(cfg: TinyQAConfig, fresh: bool = False, callbacks: Sequence[Any] = ()) -> SweepResult:
     """Run (or resume) the sweep and promote the best trial's adapter.
 
     Re-running the same experiment restores it: finished trials are kept, unfinished ones
     continue, errored ones restart. ``fresh`` removes the previous sweep first. Raises
     :class:`ConfigError` for a bad sweep or one the cluster cannot hold (before any trial starts),
     other :class:`TinyQAError` subclasses for data / storage problems, and :class:`SweepFailed`
-    when no trial exported an adapter.
+    when no trial exported an adapter. ``callbacks``: Tune callbacks (e.g.
+    :class:`tinyqa.progress.TuneProgress`); a caller that passes them draws progress itself, so
+    Tune's own console reporter is silenced.
     """
     validate_sweep(cfg)
 
@@ -242,6 +245,8 @@ def run_sweep(cfg: TinyQAConfig, fresh: bool = False) -> SweepResult:
                 storage_path=ray_storage(tune_dir(cfg))[0],
                 storage_filesystem=ray_storage(tune_dir(cfg))[1],
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                callbacks=list(callbacks) or None,
+                verbose=0 if callbacks else None,
             ),
         )
     started = time.perf_counter()
