@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from tinyqa import tracking
 from tinyqa.adapters import (
     base_settings_from_manifest,
     default_adapter_dir,
@@ -164,6 +165,7 @@ def run_eval(cfg: TinyQAConfig) -> EvalResult:
             "no adapter found under %s: evaluating the base model only", cfg.adapters_dir
         )
     records, source = load_eval_records(cfg)
+    tracking.prepare_experiment(cfg)  # an unusable MLflow store fails here, before any answer
     engine, models = build_engine(adapter_dirs, cfg.model, cfg.data.system_prompt)
     if not e.include_base:
         models = models[1:]
@@ -218,6 +220,7 @@ def run_eval(cfg: TinyQAConfig) -> EvalResult:
         seconds=time.perf_counter() - started,
     )
     result.paths = _write_outputs(cfg.run_dir / EVAL_DIR, result, rows)
+    tracking.log_eval(cfg, result)
     return result
 
 

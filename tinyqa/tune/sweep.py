@@ -17,6 +17,7 @@ import shutil
 import time
 from typing import Any
 
+from tinyqa import tracking
 from tinyqa.cluster import connect, early_stopping_problem, plan_concurrency, trial_resources
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import ConfigError
@@ -49,6 +50,7 @@ _RESUMABLE_CHANGES = (
     ("ray_address",),
     ("serve",),
     ("eval",),
+    ("tracking",),  # where runs are logged, not what a trial does
     ("tune", "max_concurrent_trials"),
     ("tune", "max_failures"),
     ("train", "max_failures"),
@@ -193,6 +195,7 @@ def run_sweep(cfg: TinyQAConfig, fresh: bool = False) -> SweepResult:
     )
 
     trial_fn = trainable(cfg)
+    sweep_run = tracking.start_sweep_run(cfg, exp_dir, restored)  # MLflow: trials nest under it
     if restored:
         logger.info("resuming the sweep in %s (finished trials are kept)", exp_dir)
         tuner = tune.Tuner.restore(
@@ -213,9 +216,16 @@ def run_sweep(cfg: TinyQAConfig, fresh: bool = False) -> SweepResult:
                 name=EXPERIMENT,
                 storage_path=str(tune_dir(cfg)),
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+                callbacks=tracking.tune_callbacks(cfg, sweep_run),
             ),
         )
     started = time.perf_counter()
-    grid = tuner.fit()
-    wall = time.perf_counter() - started
-    return collect_results(cfg, grid, wall, concurrency, expected, restored, notes)
+    try:
+        grid = tuner.fit()
+        wall = time.perf_counter() - started
+        result = collect_results(cfg, grid, wall, concurrency, expected, restored, notes)
+    except BaseException:
+        tracking.finish_sweep_run(cfg, sweep_run, None)
+        raise
+    tracking.finish_sweep_run(cfg, sweep_run, result)
+    return result
