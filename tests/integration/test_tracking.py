@@ -113,3 +113,40 @@ def test_sweep_writes_one_mlflow_run_per_trial_with_params_and_histories(cluster
     )
     eval_files = {a.path for a in client.list_artifacts(eval_run.info.run_id, "eval")}
     assert {"eval/eval.md", "eval/eval.json"} <= eval_files
+
+
+def test_training_run_logs_step_metrics_on_rank_zero_and_finishes_with_the_adapter(
+    cluster, make_config
+):
+    import ray
+    from mlflow import MlflowClient
+
+    from tinyqa import tracking
+    from tinyqa.training import run_training
+
+    cfg = make_config(
+        *SWEEP[:7], "experiment=tracked-train", "train.num_workers=2", "tracking.mlflow=true"
+    )
+    try:
+        result = run_training(cfg)
+    finally:
+        ray.shutdown()
+
+    client = MlflowClient(tracking.mlflow_uri(cfg))
+    experiment = client.get_experiment_by_name("tracked-train")
+    [run] = client.search_runs([experiment.experiment_id])  # 2 workers, one run: rank 0's
+    assert run.info.status == "FINISHED" and run.info.run_name == result.adapter_id
+    assert run.data.tags[tracking.KIND_TAG] == "train"
+    assert run.data.params["lora.r"] == str(cfg.lora.r)
+    assert run.data.params["train.max_steps"] == "10"
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in loss] == [5, 10]  # every logging_steps, at the optimizer step
+    # Step 0: the base's eval loss (the untrained adapter), then every eval_steps, then the final.
+    evals = client.get_metric_history(run.info.run_id, "eval_loss")
+    assert [m.step for m in evals][:3] == [0, 5, 10]
+    assert evals[0].value == pytest.approx(result.metrics["eval_loss_initial"])
+    assert run.data.metrics["final.eval_loss"] == pytest.approx(result.metrics["eval_loss"])
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert {"adapter/tinyqa.json", "adapter/README.md"} <= files
+    events = tracking.tensorboard_dir(cfg) / result.adapter_id
+    assert list(events.glob("events.out.tfevents.*"))
