@@ -48,7 +48,9 @@ def make_config(tmp_path):
 
     def make(*overrides: str, config: str | None = "jobs/configs/tiny-cpu.yaml"):
         path = REPO / config if config else None
-        return load_config(path, [f"storage_path={tmp_path / 'runs'}", *overrides])
+        # MLflow off unless a test turns it on: a fresh SQLite store costs seconds to create.
+        base = [f"storage_path={tmp_path / 'runs'}", "tracking.mlflow=false"]
+        return load_config(path, [*base, *overrides])
 
     return make
 

@@ -288,6 +288,19 @@ def _call_pipeline(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Nam
     return fn(cfg, stages=stages, fresh=args.fresh, deploy=lambda c: load(SERVE_DEPLOY)(c), **hooks)
 
 
+def _call_export(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namespace) -> Any:
+    return fn(
+        cfg,
+        args.adapter,
+        out=args.out,
+        merged=args.merged,
+        push_to_hub=args.push_to_hub,
+        public=args.public,
+        dry_run=args.dry_run,
+        dataset_id=args.dataset,
+    )
+
+
 def _call_bench(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namespace) -> Any:
     options = {"endpoint": args.endpoint} if args.endpoint else {}
     _view(args, f"bench {args.suite}")
@@ -426,6 +439,29 @@ COMMANDS: dict[str, Command] = {
             description="What the storage path holds: each experiment's finished pipeline "
             "stages, its adapters (base model, eval loss, steps, creation time), the one "
             "best.json names, and whether the configured endpoint (GET /healthz) serves them.",
+        ),
+        Command(
+            "export",
+            "export an adapter (or base + adapter merged) with a model card; push to the Hub",
+            "tinyqa.export:export_adapter",
+            call=_call_export,
+            summary=lambda result, cfg, args: load("tinyqa.export:format_export")(result),
+            arguments=(
+                arg("adapter", help="adapter id (under the experiment) or adapter folder"),
+                arg(
+                    "--merged", action="store_true", help="merge into the base: a standalone model"
+                ),
+                arg("--out", help="output folder (default <storage>/<experiment>/export/<id>)"),
+                arg("--push-to-hub", metavar="REPO", help="upload to this Hub repo ($HF_TOKEN)"),
+                arg("--public", action="store_true", help="create the Hub repo public"),
+                arg("--dry-run", action="store_true", help="show what would be written / uploaded"),
+                arg(
+                    "--dataset", metavar="HUB_ID", help="Hub id of the training data, for the card"
+                ),
+            ),
+            description="Export an adapter folder with a Hub model card (README.md), or with "
+            "--merged the base model with the adapter merged in (safetensors, loads with plain "
+            "transformers); --push-to-hub REPO uploads it (HF_TOKEN, private unless --public).",
         ),
         Command(
             "bench",

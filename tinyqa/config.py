@@ -314,6 +314,54 @@ class StorageSettings(_Section):
     )
 
 
+class TrackingSettings(_Section):
+    """Experiment tracking: MLflow (through Ray's integrations) and the Trainer's report_to."""
+
+    mlflow: bool = Field(
+        True,
+        description="Log train / tune / eval runs (params, metric histories, artifacts) to MLflow.",
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI, e.g. http://mlflow:5000; empty = a local SQLite store "
+        "<storage>/<experiment>/mlflow.db (offline; `mlflow ui --backend-store-uri sqlite:///...`).",
+    )
+    mlflow_experiment: str | None = Field(
+        None, description="MLflow experiment name; empty = the tinyqa experiment name."
+    )
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Hugging Face Trainer integrations (its report_to), e.g. [tensorboard, wandb]; "
+        "[] = none. TensorBoard events go to <storage>/<experiment>/tensorboard/<adapter_id>.",
+    )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        # The config goes into every adapter's manifest and the MLflow params: no secrets in it.
+        if v and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*@", v):
+            raise ValueError(
+                "holds credentials (user:password@); set MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN in the environment instead"
+            )
+        return v
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [] if v == "none" else [v]
+        if isinstance(v, list):
+            bad = [x for x in v if x in ("mlflow", "all", "none")]
+            if bad:
+                raise ValueError(
+                    f"{bad[0]!r} is not allowed here: MLflow is tracking.mlflow (Ray's integration, "
+                    "one run per train / trial), and 'all' would log it twice; name the "
+                    "integrations, e.g. [tensorboard, wandb], or [] for none"
+                )
+        return v
+
+
 class TinyQAConfig(_Section):
     """The root config: where runs live plus one section per stage."""
 
@@ -337,6 +385,7 @@ class TinyQAConfig(_Section):
     serve: ServeSettings = Field(default_factory=ServeSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
     @field_validator("experiment")
     @classmethod

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from tinyqa import tracking
 from tinyqa.adapters import (
     base_settings_from_manifest,
     configure_adapter_cache,
@@ -199,6 +200,7 @@ def run_eval(
         )
     records, source = load_eval_records(cfg)
     configure_adapter_cache(cfg)  # adapters in a bucket are downloaded into cfg's cache
+    tracking.prepare_experiment(cfg)  # an unusable MLflow store fails here, before any answer
     engine, models = build_engine(adapter_dirs, cfg.model, cfg.data.system_prompt)
     if not e.include_base:
         models = models[1:]
@@ -263,6 +265,7 @@ def run_eval(
         ],
     )
     result.paths = _write_outputs(cfg.run_dir / EVAL_DIR, result, rows)
+    tracking.log_eval(cfg, result)
     return result
 
 

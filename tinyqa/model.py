@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tinyqa.adapters import MANIFEST, read_manifest
+from tinyqa.card import build_model_card, write_model_card
 from tinyqa.config import LoraSettings, ModelSettings
 from tinyqa.errors import ModelError, first_line
 from tinyqa.presets import PRESETS, ZEPHYR_TEMPLATE, preset_dir
@@ -182,7 +183,7 @@ def apply_lora(model, lora: LoraSettings, gradient_checkpointing: bool = False):
 
 
 def save_adapter(model, tokenizer, out_dir: Location, manifest: dict[str, Any]) -> Location:
-    """Write adapter weights, tokenizer and manifest into ``out_dir`` atomically (a complete
+    """Write adapter weights, tokenizer and manifest and model card (``README.md``) into ``out_dir`` atomically (a complete
     folder replaces the old one, or nothing changes). On cloud storage the folder is saved
     locally, then uploaded with the manifest last (see :func:`tinyqa.storage.atomic_folder`)."""
     out_dir = location(out_dir)
@@ -190,6 +191,8 @@ def save_adapter(model, tokenizer, out_dir: Location, manifest: dict[str, Any]) 
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        # Replaces the placeholder card PEFT writes with one that says what this adapter is.
+        write_model_card(tmp, build_model_card(manifest))
     return out_dir
 
 
@@ -206,6 +209,42 @@ def load_adapter(
     return PeftModel.from_pretrained(
         base_model, str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable
     )
+
+
+def merge_adapter(adapter_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Write the adapter's base model with the adapter merged in, as a standalone Hugging Face
+    folder (safetensors, config, generation config, tokenizer) into the existing folder ``out_dir``.
+
+    The base is loaded the way the adapter was trained (a 4-bit / 8-bit base quantized again,
+    then dequantized to its compute dtype), so the LoRA update lands on the weights it was trained
+    against. Returns ``{"dtype": str, "dequantized_from": "nf4" | "int8" | None}``. Raises
+    :class:`ModelError`.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    manifest = read_manifest(adapter_dir)
+    settings = ModelSettings.model_validate(manifest["config"]["model"])
+    trained_on = torch.device("cuda" if manifest.get("device") == "cuda" else "cpu")
+    quant = effective_quantization(settings, trained_on)
+    dtype = compute_dtype(settings, trained_on)
+    device = resolve_device()
+    base = load_base_model(settings, device, quantization=quant)
+    dequantized_from = None
+    if is_quantized(base):
+        keep_4bit_trainable(base)  # the training layout, not the CPU inference repack
+        base = base.dequantize(dtype=dtype)
+        dequantized_from = quant
+    base = base.to(dtype)
+    try:
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    except (ValueError, OSError, RuntimeError) as e:
+        raise ModelError(f"cannot merge {adapter_dir} into its base: {first_line(e)}") from e
+    merged.config.use_cache = True  # load_base_model turns the cache off for training
+    merged.to("cpu").save_pretrained(out_dir, safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir), trust_remote_code=False)
+    tokenizer.save_pretrained(out_dir)
+    return {"dtype": str(dtype).removeprefix("torch."), "dequantized_from": dequantized_from}
 
 
 def delete_adapter(peft_model, adapter_name: str) -> None:

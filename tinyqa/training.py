@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tinyqa import tracking
 from tinyqa.config import TinyQAConfig, build_config
 from tinyqa.errors import StorageError, TinyQAError, last_line
 from tinyqa.storage import check_writable, is_remote, ray_storage
@@ -142,7 +143,7 @@ def sft_config(cfg: TinyQAConfig, output_dir: str, on_cpu: bool, rank: int):
         save_steps=t.save_steps,
         save_total_limit=2,
         logging_steps=t.logging_steps,
-        report_to="none",
+        report_to=tracking.report_to(cfg),
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=0,
@@ -355,7 +356,7 @@ def build_trainer(
             storage_filesystem=ray_fs,
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env={"env_vars": {**worker_env(), **tracking.worker_env(cfg)}},
             callbacks=callbacks,
         ),
     )
@@ -386,13 +387,19 @@ def run_training(
     name = run_name(cfg)
     logger.info("training %s (Ray run %s under %s)", cfg.adapter_id, name, cfg.ray_storage)
     user_callbacks = list(callbacks()) if callbacks else None
-    trainer = build_trainer(cfg, name, callbacks=user_callbacks, extra_callbacks=extra_callbacks)
+    tracked = tracking.train_callbacks(cfg, name)  # MLflow: rank 0 opens the run
+    trainer = build_trainer(
+        cfg, name, callbacks=user_callbacks, extra_callbacks=[*tracked, *extra_callbacks]
+    )
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors in TrainingFailedError
+        tracking.finish_train_run(cfg, name, None, None)
         raise TrainingFailed(
             f"training {cfg.adapter_id} failed: {last_line(e)}; "
             f"rerun the same command to resume from the last checkpoint in {cfg.ray_storage / name}"
         ) from e
     adapter_dir = cfg.adapters_dir / cfg.adapter_id
-    return TrainResult(cfg.adapter_id, adapter_dir, read_manifest(adapter_dir))
+    manifest = read_manifest(adapter_dir)
+    tracking.finish_train_run(cfg, name, adapter_dir, manifest)
+    return TrainResult(cfg.adapter_id, adapter_dir, manifest)

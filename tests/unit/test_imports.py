@@ -57,6 +57,8 @@ def _heavy_loaded(module: str) -> set[str]:
         ("tinyqa.chat", set()),  # `chat --endpoint` is an HTTP client: no model stack
         ("tinyqa.console", set()),  # the CLI imports it; Ray loads only with a long command
         ("tinyqa.runs", set()),  # `tinyqa runs` reads files and /healthz
+        ("tinyqa.tracking", set()),  # mlflow loads only when a run is tracked
+        ("tinyqa.card", set()),  # model cards: huggingface_hub + YAML
         ("serving.api", set()),
         ("serving.deploy", {"ray"}),  # `tinyqa serve --shutdown` needs no model
         ("serving.ingress", {"ray"}),
@@ -126,6 +128,17 @@ def _upward_imports() -> list[str]:
 def test_library_never_imports_serving_benchmarks_or_jobs() -> None:
     """The CLI reaches serving / benchmarks by import-path strings (tinyqa/commands.py)."""
     assert _upward_imports() == []
+
+
+def test_model_py_is_the_only_peft_user() -> None:
+    """Loading, applying, saving and merging adapters all go through tinyqa/model.py."""
+    users = [
+        f"{path.relative_to(REPO).as_posix()}:{line}"
+        for path in sorted((REPO / "tinyqa").rglob("*.py"))
+        for line, pkg in _imported_packages(path)
+        if pkg == "peft" and path.name != "model.py"
+    ]
+    assert users == []
 
 
 def test_the_static_check_sees_lazy_imports(tmp_path: Path) -> None:

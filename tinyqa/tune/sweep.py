@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from tinyqa import tracking
 from tinyqa.cluster import connect, early_stopping_problem, plan_concurrency, trial_resources
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import ConfigError
@@ -51,6 +52,7 @@ _RESUMABLE_CHANGES = (
     ("ray_address",),
     ("serve",),
     ("eval",),
+    ("tracking",),  # where runs are logged, not what a trial does
     ("tune", "max_concurrent_trials"),
     ("tune", "max_failures"),
     ("train", "max_failures"),
@@ -220,6 +222,7 @@ def run_sweep(cfg: TinyQAConfig, fresh: bool = False, callbacks: Sequence[Any] =
         tune_dir(cfg).mkdir(parents=True, exist_ok=True)
     sweep_id = _sweep_id(cfg, restored)
     trial_fn = trainable(cfg, sweep_id)
+    sweep_run = tracking.start_sweep_run(cfg, exp_dir, restored)  # MLflow: trials nest under it
     if restored:
         logger.info("resuming the sweep in %s (finished trials are kept)", exp_dir)
         tuner = tune.Tuner.restore(
@@ -245,11 +248,17 @@ def run_sweep(cfg: TinyQAConfig, fresh: bool = False, callbacks: Sequence[Any] =
                 storage_path=ray_storage(tune_dir(cfg))[0],
                 storage_filesystem=ray_storage(tune_dir(cfg))[1],
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                callbacks=list(callbacks) or None,
+                callbacks=[*tracking.tune_callbacks(cfg, sweep_run), *callbacks] or None,
                 verbose=0 if callbacks else None,
             ),
         )
     started = time.perf_counter()
-    grid = tuner.fit()
-    wall = time.perf_counter() - started
-    return collect_results(cfg, grid, wall, concurrency, expected, restored, notes)
+    try:
+        grid = tuner.fit()
+        wall = time.perf_counter() - started
+        result = collect_results(cfg, grid, wall, concurrency, expected, restored, notes)
+    except BaseException:
+        tracking.finish_sweep_run(cfg, sweep_run, None)
+        raise
+    tracking.finish_sweep_run(cfg, sweep_run, result)
+    return result
