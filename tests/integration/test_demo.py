@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-# The tiny model's fast path (the demo's default is smollm2: tests/integration/test_smollm2.py), and
+# The tiny model's fast path (the demo's default is smollm2: tests/integration/test_smollm2_pipeline.py), and
 # a smaller sweep than its embedded defaults, to fit CI's time (the full demo is the README's).
 SMALL = [
     "model.name=tiny",

@@ -146,7 +146,7 @@ def test_labels_cover_answer_and_eos_only(tiny_tokenizer):
 def test_chatml_labels_decode_to_answer_and_im_end():
     """SmolLM2's ChatML template (default system turn, `<|im_end|>` closing each turn): the loss
     covers exactly the answer and its `<|im_end|>`, for every bundled record. The real tokenizer is
-    checked the same way in tests/integration/test_smollm2.py."""
+    checked the same way in tests/integration/test_smollm2_pipeline.py."""
     from tinyqa.presets import build_tokenizer
     from tinyqa.smollm2 import CHATML_TEMPLATE
 

@@ -35,7 +35,7 @@ def trained(tmp_path_factory, tiny_dir, adapter_helpers):
         f"storage_path={root / 'runs'}",
         f"data.path={subset}",
         "eval.bootstrap_samples=200",
-        "tracking.mlflow=false",  # tests/integration/test_tracking.py covers the eval run
+        "tracking.mlflow=false",  # tests/integration/test_tracking_runs.py covers the eval run
     ]
     cfg = load_config(CONFIG, overrides)
     adapter = helper.train_tiny_adapter(cfg, steps=60)

@@ -1,7 +1,7 @@
 """The `smollm2` preset's bad inputs: wrong hashes, truncated or foreign GGUF files, no registry and
 no file. Each is one error naming the file and the fix, and leaves nothing in the preset cache.
 
-The files here are small fakes built in tmp; the real download is tests/integration/test_smollm2.py.
+The files here are small fakes built in tmp; the real download is tests/integration/test_smollm2_pipeline.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The `tracking` config section and where tracking writes (no MLflow store is created here;
-tests/integration/test_tracking.py reads real runs back)."""
+tests/integration/test_tracking_runs.py reads real runs back)."""
 
 from __future__ import annotations
 
