@@ -521,18 +521,23 @@ def _redirect_fds(target: Path) -> Iterator[tuple[TextIO, TextIO]]:
 
 
 def _open_log(cfg: TinyQAConfig, command: str) -> Path:
-    """The command's log file; under the system temp folder when the storage path is not
-    writable (the command then fails with its own error about the storage)."""
+    """The command's log file; under the system temp folder when the storage path is a bucket or
+    not writable (the command then fails with its own error about the storage)."""
     path = log_path(cfg, command)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
-    except OSError:
-        import tempfile
+    if isinstance(path, Path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+            return path
+        except OSError:
+            pass
+    # Unwritable, or a bucket (s3:// / gs://: a log is appended line by line, which an object
+    # store cannot do): the log stays on this machine.
+    import tempfile
 
-        path = Path(tempfile.gettempdir()) / "tinyqa-logs" / path.name
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    local = Path(tempfile.gettempdir()) / "tinyqa-logs" / path.name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    return local
 
 
 @contextlib.contextmanager

@@ -71,6 +71,9 @@ def tinyqa_cluster():
         "RAY_AUTH_TOKEN_PATH": token,
     }
     env.pop("RAY_ADDRESS", None)
+    # A user's shell, not the test session's RAY_AUTH_MODE=disabled (tests/conftest.py): the
+    # README tells a shell joining this cluster to export RAY_AUTH_MODE=token.
+    env["RAY_AUTH_MODE"] = "token"
     code = f"""
         from tinyqa.cluster import start_local_cluster
         start_local_cluster(1, port={port}, temp_dir={temp_dir!r}, dashboard_port={free_port()},

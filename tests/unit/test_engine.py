@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -224,6 +225,11 @@ def test_model_failure_fails_the_batch_and_the_engine_recovers(qa, monkeypatch):
         assert qa.last_error is not None  # the health check sees it
         monkeypatch.undo()
         assert isinstance(eng.generate([_req(QUESTIONS[0], None, 8)])[0], GenerationResult)
+        # The result is delivered from inside the scheduler's step; its success is recorded when
+        # that step ends, a moment later.
+        deadline = time.monotonic() + 10
+        while qa.last_error is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert qa.last_error is None
     finally:
         eng.close()
