@@ -12,11 +12,13 @@ only read while the lock is really held.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,8 +34,16 @@ logger = logging.getLogger(__name__)
 
 
 def lock_paths(cfg: TinyQAConfig) -> tuple[Path, Path]:
-    """The experiment's lock file and the JSON file naming its holder."""
+    """The experiment's lock file and the JSON file naming its holder.
+
+    An object store has no file locks: for a bucket storage_path the lock lives in the local
+    temp folder, keyed by the experiment's URI, so it guards this machine only.
+    """
     root = cfg.run_dir.parent
+    if not isinstance(root, Path):
+        digest = hashlib.sha256(str(cfg.run_dir).encode()).hexdigest()[:16]
+        root = Path(tempfile.gettempdir()) / "tinyqa-locks" / digest
+        root.mkdir(parents=True, exist_ok=True)
     return root / f".{cfg.experiment}.lock", root / f".{cfg.experiment}.lock.json"
 
 
