@@ -9,6 +9,7 @@ a thread under the :class:`~tinyqa.inference.QAEngine` lock; streams run one req
 """
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
@@ -220,10 +221,17 @@ class QAModel:
             yield _failed(e)
             return
         yield {"start": {"prompt_tokens": prompt_tokens}}
-        if self.continuous is not None:
-            started = False
-            try:
-                async for event in self._submit(req, stream=True):
+        events = (
+            self._submit(req, stream=True)
+            if self.continuous is not None
+            else self._static_events(req)
+        )
+        started = False  # the non-streamed answer is stripped: drop leading whitespace here too
+        try:
+            # aclosing: a client that goes away closes this generator, and with it the engine's
+            # stream at once (its cleanup stops generation at the next token), not at GC time.
+            async with contextlib.aclosing(events):
+                async for event in events:
                     if isinstance(event, str):
                         text = event if started else event.lstrip()
                         if text:
@@ -231,21 +239,18 @@ class QAModel:
                             yield {"text": text}
                     else:
                         yield {"result": asdict(event)}
-            except (TinyQAError, TimeoutError) as e:
-                yield {"error": _engine_error(e).to_dict()}
-            return
+        except (TinyQAError, TimeoutError) as e:
+            if self.continuous is None:
+                raise  # the static engine's errors keep their old path (logged, a 500)
+            yield {"error": _engine_error(e).to_dict()}
+
+    async def _static_events(self, req: GenerationRequest):
+        """Text pieces, then the result, from the static engine's own streaming thread."""
         cancel = threading.Event()
         events = self.engine.stream_events(req, cancel=cancel)
-        started = False  # the non-streamed answer is stripped: drop leading whitespace here too
         try:
             while (event := await asyncio.to_thread(next, events, _END)) is not _END:
-                if isinstance(event, str):
-                    text = event if started else event.lstrip()
-                    if text:
-                        started = True
-                        yield {"text": text}
-                else:
-                    yield {"result": asdict(event)}
+                yield event
         finally:
             cancel.set()  # the client went away: stop generating at the next token
 

@@ -207,38 +207,29 @@ def _results_table(manifest: dict[str, Any], evaluation: dict[str, Any] | None) 
 def _eval_results(
     manifest: dict[str, Any], evaluation: dict[str, Any] | None, dataset: str
 ) -> list[EvalResult]:
-    results = []
+    def result(metric_type: str, metric_name: str, value: float) -> EvalResult:
+        return EvalResult(
+            task_type="text-generation",
+            task_name="question answering",
+            dataset_type="json",
+            dataset_name=dataset,
+            dataset_split="eval",
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=round(float(value), 4),
+        )
+
     metrics = manifest.get("metrics", {})
-    for key, (metric_type, metric_name) in _TRAIN_METRICS.items():
-        if isinstance(metrics.get(key), (int, float)):
-            results.append(
-                EvalResult(
-                    task_type="text-generation",
-                    task_name="question answering",
-                    dataset_type="json",
-                    dataset_name=dataset,
-                    dataset_split="eval",
-                    metric_type=metric_type,
-                    metric_name=metric_name,
-                    metric_value=round(float(metrics[key]), 4),
-                )
-            )
+    results = [
+        result(metric_type, metric_name, metrics[key])
+        for key, (metric_type, metric_name) in _TRAIN_METRICS.items()
+        if isinstance(metrics.get(key), (int, float))
+    ]
     if evaluation:
         for key, label in _EVAL_METRICS.items():
             agg = evaluation["metrics"].get(key)
             if agg and agg.get("mean") is not None:
-                results.append(
-                    EvalResult(
-                        task_type="text-generation",
-                        task_name="question answering",
-                        dataset_type="json",
-                        dataset_name=dataset,
-                        dataset_split="eval",
-                        metric_type=key,
-                        metric_name=label,
-                        metric_value=round(float(agg["mean"]), 4),
-                    )
-                )
+                results.append(result(key, label, agg["mean"]))
     return results
 
 
