@@ -10,15 +10,13 @@ removes the app on Ctrl-C; with no cluster running, its Ray lives in this proces
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import httpx
-import ray
 from ray import serve
 from ray.serve.context import _get_global_client
 
-from tinyqa.cluster import connect, connect_persistent
+from tinyqa.cluster import connect, connect_persistent, join_existing
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import TinyQAError, last_line
 from tinyqa.secrets import resolve_api_key
@@ -142,13 +140,11 @@ def shutdown(cfg: TinyQAConfig) -> None:
     """Remove the app from the cluster (the cluster and Serve keep running). No cluster or no
     such app: nothing to do."""
     name = cfg.serve.app_name
-    if not ray.is_initialized():
-        address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except ConnectionError:
-            logger.info("no Ray cluster is running; app %r is not deployed", name)
-            return
+    # The same join as every other command: a plain ray.init("auto") swaps the loopback address
+    # of a tinyqa-started cluster for this machine's network address and retries it forever.
+    if not join_existing(cfg):
+        logger.info("no Ray cluster is running; app %r is not deployed", name)
+        return
     if name not in serve.status().applications:
         logger.info("app %r is not deployed on this cluster", name)
         return

@@ -178,6 +178,25 @@ def _join_running_local() -> bool:
     return True
 
 
+def join_existing(cfg: TinyQAConfig) -> bool:
+    """Join the configured cluster (``ray_address``, ``RAY_ADDRESS``) or the local one ``ray start``
+    left, the way :func:`connect` does (a loopback cluster stays on loopback); False when none is
+    running. Never starts one. Raises :class:`ClusterAuthError` when the cluster refuses our token.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return True
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return _join_running_local()
+    try:
+        _join(address)
+    except ConnectionError:
+        return False
+    return True
+
+
 def connect(cfg: TinyQAConfig, num_cpus: int | None = None) -> None:
     """Connect to the configured cluster, or start a local Ray if none is running.
 

@@ -155,3 +155,20 @@ def test_a_client_without_the_token_gets_an_auth_error_not_a_new_cluster(tinyqa_
     )
     assert "NODES 1" in joined.stdout, joined.stderr[-3000:]
     assert _cluster_pids(temp_dir, port) >= before
+
+
+def test_serve_shutdown_joins_the_loopback_cluster_promptly(tinyqa_cluster):
+    """`tinyqa serve --shutdown` joins a tinyqa-started cluster on loopback: a plain
+    ray.init("auto") swapped 127.0.0.1 for the machine's address and retried it forever."""
+    _, port, env = tinyqa_cluster
+    env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tinyqa.cli", "serve", "--shutdown"],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Failed to connect to GCS" not in proc.stdout + proc.stderr
