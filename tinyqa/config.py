@@ -49,8 +49,10 @@ class ModelSettings(_Section):
     quantization: Literal["auto", "nf4", "int8", "none"] = Field(
         "auto", description="'auto' = NF4 4-bit on CUDA, none on CPU."
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype; 'auto' = bfloat16 on CUDA, float32 on CPU."
+    dtype: Literal["auto", "fastest", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Compute dtype; 'auto' = bfloat16 on CUDA, float32 on CPU; 'fastest' = "
+        "bfloat16 on CUDA and on CPUs that compute it natively (AVX512-BF16 / AMX), else float32.",
     )
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="Attention kernel; SDPA supports padding-free packed batches."

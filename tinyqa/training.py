@@ -117,7 +117,7 @@ def sft_config(cfg: TinyQAConfig, output_dir: str, on_cpu: bool, rank: int):
     from trl import SFTConfig
 
     t = cfg.train
-    bf16 = not on_cpu and cfg.model.dtype in ("auto", "bfloat16")
+    bf16 = not on_cpu and cfg.model.dtype in ("auto", "fastest", "bfloat16")
     return SFTConfig(
         output_dir=output_dir,
         per_device_train_batch_size=t.batch_size,

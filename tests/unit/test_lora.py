@@ -137,3 +137,27 @@ def test_qlora_gradients_stay_correct_after_evaluation(nf4_model, tiny_tokenizer
         and getattr(m.weight.quant_state, "packing_format_for_cpu", False)
     ]
     assert not packed
+
+
+def test_fastest_dtype_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, caplog):
+    """'fastest' takes bfloat16 on CUDA and on CPUs with native bf16 GEMMs; on an AVX2-only CPU
+    (where torch emulates bf16, ~9x slower than float32) it is float32, and an explicit bfloat16
+    there warns once with the fix."""
+    import logging
+
+    from tinyqa import model as model_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    fastest, bf16 = ModelSettings(dtype="fastest"), ModelSettings(dtype="bfloat16")
+    assert model_module.compute_dtype(fastest, cuda) == torch.bfloat16
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
+    assert model_module.compute_dtype(fastest, cpu) == torch.bfloat16
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
+    assert model_module.compute_dtype(fastest, cpu) == torch.float32
+    assert model_module.compute_dtype(ModelSettings(), cpu) == torch.float32  # 'auto' unchanged
+    monkeypatch.setattr(model_module, "_warned_emulated_bf16", False)
+    with caplog.at_level(logging.WARNING, logger="tinyqa.model"):
+        assert model_module.compute_dtype(bf16, cpu) == torch.bfloat16  # the user's choice holds
+        model_module.compute_dtype(bf16, cpu)
+    warnings = [r for r in caplog.records if "without native bfloat16" in r.getMessage()]
+    assert len(warnings) == 1 and "model.dtype=fastest" in warnings[0].getMessage()
