@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import re
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ CORPUS_EXTRA_MODULES: tuple[str, ...] = (
     "trace", "traceback", "tracemalloc", "types", "typing", "unittest", "urllib.request",
     "warnings", "weakref", "xml.dom.minidom", "xml.etree.ElementTree", "xmlrpc.client", "zoneinfo",
 )
+STDLIB = "Python's standard library"
 DEFAULT_LIMIT = 600
 MAX_ANSWER_CHARS = 200
 MIN_SUMMARY_WORDS = 4
@@ -61,7 +63,7 @@ FUNCTION_TEMPLATES = (
     "What does `{name}` do?",
     "What is `{name}` used for?",
     "Explain the purpose of `{name}`.",
-    "In Python's standard library, what does the function `{name}` do?",
+    "In {library}, what does the function `{name}` do?",
 )
 CLASS_TEMPLATES = (
     "What is the `{name}` class?",
@@ -153,10 +155,16 @@ def _members(module_name: str) -> Iterator[tuple[str, object]]:
                 yield f"{module_name}.{attr}", obj
 
 
-def _question(qualname: str, is_class: bool) -> str:
+def _question(qualname: str, is_class: bool, library: str = STDLIB) -> str:
     templates = CLASS_TEMPLATES if is_class else FUNCTION_TEMPLATES
     index = zlib.crc32(qualname.encode("utf-8")) % len(templates)
-    return templates[index].format(name=qualname)
+    return templates[index].format(name=qualname, library=library)
+
+
+def _library(module_name: str) -> str:
+    """How a question names where ``module_name`` comes from."""
+    top = module_name.split(".")[0]
+    return STDLIB if top in sys.stdlib_module_names else f"the `{top}` library"
 
 
 def _module_records(module_name: str) -> list[dict]:
@@ -167,7 +175,7 @@ def _module_records(module_name: str) -> list[dict]:
         words = keywords(summary, qualname) if summary else []
         if len(words) < 2:
             continue
-        question = _question(qualname, inspect.isclass(obj))
+        question = _question(qualname, inspect.isclass(obj), _library(module_name))
         records.append({"question": question, "answer_keywords": words, "answer": summary})
     return records
 
@@ -235,13 +243,48 @@ def write_resources(out_dir: Path, limit: int = DEFAULT_LIMIT) -> tuple[Path, Pa
     return qa_path, corpus_path
 
 
+def write_qa(path: Path, modules: list[str], limit: int = DEFAULT_LIMIT) -> int:
+    """Write a QA set (the bundled format) built from ``modules``' docstrings to ``path``;
+    returns the record count. Raises ``ValueError`` when no record could be built."""
+    missing = [name for name in modules if _import(name) is None]
+    if missing:
+        raise ValueError(
+            f"cannot import {', '.join(missing)}: install it or drop it from --modules"
+        )
+    records = build_records(modules, limit=limit)
+    if not records:
+        raise ValueError(f"no usable docstrings in {', '.join(modules)}")
+    body = ",\n".join(json.dumps(rec, ensure_ascii=False) for rec in records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"[\n{body}\n]\n", encoding="utf-8")
+    logger.info("wrote %d records from %s to %s", len(records), ", ".join(modules), path)
+    return len(records)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point: regenerate the bundled resource files."""
+    """Command-line entry point: regenerate the bundled resource files, or (``--modules``)
+    build a QA set of the same shape from any importable package's docstrings."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=RESOURCES_DIR)
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT)
+    parser.add_argument(
+        "--modules",
+        help="comma-separated modules of another library (e.g. numpy,numpy.linalg): write only a "
+        "QA set from them to --out, not the bundled resources",
+    )
+    parser.add_argument("--out", type=Path, help="with --modules: the QA file to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.modules:
+        if args.out is None:
+            parser.error("--modules needs --out FILE")
+        try:
+            write_qa(
+                args.out, [m.strip() for m in args.modules.split(",") if m.strip()], args.limit
+            )
+        except ValueError as e:
+            parser.exit(2, f"error: {e}\n")
+        return
     write_resources(args.out_dir, limit=args.limit)
 
 

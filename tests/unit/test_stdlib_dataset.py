@@ -91,3 +91,27 @@ def test_summarize_truncates_long_sentences_at_word_boundary() -> None:
 def test_keywords_skip_stopwords_and_own_name() -> None:
     words = stdlib_dataset.keywords("Serialize obj to a JSON formatted str.", "json.dumps")
     assert words == ["serialize", "obj", "formatted", "str"]
+
+
+def test_qa_set_from_another_library(tmp_path: Path) -> None:
+    """The generator builds an unseen-domain set from any installed package: questions name the
+    library (not the stdlib), and the file passes tinyqa's own dataset validation."""
+    from tinyqa.data import load_records
+
+    out = tmp_path / "httpx_qa.json"
+    count = stdlib_dataset.write_qa(out, ["httpx"], limit=20)
+    records = load_records(out)
+    assert len(records) == count == 20
+    raw = json.loads(out.read_text(encoding="utf-8"))
+    assert all("`httpx." in r["question"] for r in raw)
+    assert not any("standard library" in r["question"] for r in raw)
+    assert {r["question"] for r in raw}.isdisjoint(
+        r["question"] for r in json.loads(QA_PATH.read_text(encoding="utf-8"))
+    )
+
+
+def test_qa_set_from_a_missing_module_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        stdlib_dataset.main(["--modules", "no_such_module_xyz", "--out", str(tmp_path / "q.json")])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "q.json").exists()
