@@ -37,8 +37,9 @@ def run_bench(
     """
     if suite not in SUITES:
         raise BenchError(f"unknown bench suite {suite!r}; choose one of {', '.join(SUITES)}")
-    if options.get("endpoint") is not None and suite != "serve":
-        raise BenchError(f"--endpoint applies to the serve suite only, not to {suite!r}")
+    for option in ("endpoint", "requests", "concurrency"):
+        if options.get(option) is not None and suite != "serve":
+            raise BenchError(f"--{option} applies to the serve suite only, not to {suite!r}")
     folder = out_dir(cfg, out)
     if suite == "train":
         from benchmarks.train import bench_train as fn

@@ -304,13 +304,25 @@ def bench_serve(
     endpoint: str | None = None,
     replicas: int | None = 1,
     ray_worker_niceness: int | None = 0,
+    requests: int | None = None,
+    concurrency: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Measure serving (see the module docstring) and return the suite's result.
 
     ``ray_worker_niceness``: niceness of the scratch Ray's workers (None = Ray's default, 15).
+    ``requests`` / ``concurrency`` replace the preset sizes (a real model on a few CPUs needs
+    fewer requests per mode than the full preset's 96).
     """
     started = time.perf_counter()
-    sizes = QUICK if quick else FULL
+    sizes = dict(QUICK if quick else FULL)
+    if requests is not None:
+        if requests < 1:
+            raise BenchError(f"--requests must be at least 1, not {requests}")
+        sizes["requests"] = requests
+    if concurrency is not None:
+        if not concurrency or min(concurrency) < 1:
+            raise BenchError(f"--concurrency must list client counts >= 1, not {concurrency}")
+        sizes["concurrency"] = tuple(sorted(set(concurrency)))
     max_new = sizes.get("max_new_tokens", cfg.serve.max_new_tokens)
     threads = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="_work-serve-", dir=out))

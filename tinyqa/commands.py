@@ -183,11 +183,14 @@ def _pipeline_summary(report: Any, cfg: TinyQAConfig, args: argparse.Namespace) 
     from tinyqa.console import fmt_seconds
 
     lines = [load("tinyqa.pipeline:format_report")(report), ""]
+    tail = []
     if report.wall_seconds is not None:
-        lines.append(f"Total time: {fmt_seconds(report.wall_seconds)}")
+        tail.append(f"Total time: {fmt_seconds(report.wall_seconds)}")
     view = getattr(args, "console", None)
     if view is not None and view.log_file is not None:
-        lines.append(f"Logs: {view.log_file}")
+        tail.append(f"Logs: {view.log_file}")
+    if tail:
+        lines.append(" · ".join(tail))
     # The config as the user gave it (the demo's embedded default needs no naming): the
     # follow-ups stay short enough to read and to fit the report on one screen.
     where = _locating_args(args.config, list(args.overrides))
@@ -197,15 +200,14 @@ def _pipeline_summary(report: Any, cfg: TinyQAConfig, args: argparse.Namespace) 
             f'  tinyqa ask "What does json.dumps do?" --endpoint {report.url}',
             f"  tinyqa chat --endpoint {report.url}",
         ]
+    at = f" {where}" if where else ""
     lines.append(
-        f"  tinyqa {args.command} --stages eval {where} eval.path=my_questions.json"
+        f"  tinyqa {args.command} --stages eval{at} eval.path=my_questions.json"
         "   # score on your own QA file"
     )
-    lines.append(f"  tinyqa runs {where}")
+    lines.append(f"  tinyqa runs{at}")
     if report.url:
-        lines.append(
-            f"  tinyqa serve --shutdown {where}   # then `ray stop` for the local Ray cluster"
-        )
+        lines.append(f"  tinyqa serve --shutdown{at}   # then `ray stop` for the local Ray cluster")
     return "\n".join(lines)
 
 
@@ -301,8 +303,21 @@ def _call_export(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Names
     )
 
 
+def _concurrency(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected client counts like 1,16, not {text!r}"
+        ) from None
+
+
 def _call_bench(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namespace) -> Any:
-    options = {"endpoint": args.endpoint} if args.endpoint else {}
+    options: dict[str, Any] = {"endpoint": args.endpoint} if args.endpoint else {}
+    if args.requests is not None:
+        options["requests"] = args.requests
+    if args.concurrency is not None:
+        options["concurrency"] = args.concurrency
     _view(args, f"bench {args.suite}")
     return fn(cfg, args.suite, out=args.out, quick=args.quick, **options)
 
@@ -475,6 +490,12 @@ COMMANDS: dict[str, Command] = {
                 arg("--out", help="results folder (default <storage>/<experiment>/bench)"),
                 arg("--quick", action="store_true", help="tiny sizes (smoke test)"),
                 arg("--endpoint", help="serve suite: measure this running deployment instead"),
+                arg("--requests", type=int, help="serve suite: requests per mode (default 96)"),
+                arg(
+                    "--concurrency",
+                    type=_concurrency,
+                    help="serve suite: client counts, e.g. 1,16 (default 1,8,16,32)",
+                ),
             ),
             description="Benchmarks: training (seed vs tinyqa, plain TRL vs Ray Train), serving "
             "(sequential vs concurrent clients vs an in-process loop), sweeps (parallel "

@@ -225,6 +225,25 @@ def test_unknown_suite_and_arm_are_user_errors(make_config, tmp_path):
         run_bench(cfg, "speed", out=tmp_path)
     with pytest.raises(BenchError, match="unknown training bench arm"):
         run_bench(cfg, "train", out=tmp_path, quick=True, arms=("seed", "fast"))
+    with pytest.raises(BenchError, match="--requests applies to the serve suite only"):
+        run_bench(cfg, "train", out=tmp_path, requests=4)
+    with pytest.raises(BenchError, match="--concurrency must list client counts"):
+        run_bench(cfg, "serve", out=tmp_path, concurrency=(0, 16))
+
+
+def test_serve_sizes_on_the_command_line():
+    """`--requests 16 --concurrency 1,16` reach the serve suite; a malformed list is refused by
+    the parser (exit 2, one line), before anything starts."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tinyqa.cli", "bench", "serve", "--concurrency", "1,x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "expected client counts like 1,16, not '1,x'" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_benchmark_job_help():
