@@ -337,7 +337,8 @@ def build_model_card(
         dataset_source=source,
         dataset_sha256=stats.get("sha256", "unknown"),
         dataset_counts=counts,
-        config_yaml=yaml.safe_dump(sections, sort_keys=False),
+        # Sorted: the card reads the same from a manifest in memory or from tinyqa.json (sorted).
+        config_yaml=yaml.safe_dump(sections, sort_keys=True),
         versions=", ".join(f"{k} {v}" for k, v in versions.items() if v != "not installed")
         or "not recorded",
         usage=usage,

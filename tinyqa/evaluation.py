@@ -265,8 +265,33 @@ def run_eval(
         ],
     )
     result.paths = _write_outputs(cfg.run_dir / EVAL_DIR, result, rows)
+    if not cfg.eval.path:  # scores on the experiment's own held-out split
+        _refresh_model_cards(cfg, result)
     tracking.log_eval(cfg, result)
     return result
+
+
+def _refresh_model_cards(cfg: TinyQAConfig, result: EvalResult) -> None:
+    """The model card (README.md) of each evaluated adapter of this experiment gains these scores:
+    the model-index and the results table, as ``tinyqa export`` writes them. Local storage only
+    (a bucket's adapters are evaluated from a download cache)."""
+    from tinyqa.card import build_model_card, eval_metrics_for, write_model_card
+    from tinyqa.storage import is_remote
+
+    if is_remote(cfg.storage_path):
+        return
+    own = Path(str(cfg.adapters_dir)).resolve()
+    for m in result.models:
+        folder = Path(m.adapter_dir).resolve() if m.adapter_dir else None
+        if folder is None or folder.parent != own or not (folder / "tinyqa.json").is_file():
+            continue
+        evaluation = eval_metrics_for(Path(str(cfg.run_dir)), folder, m.name)
+        if evaluation is None:
+            continue
+        try:
+            write_model_card(folder, build_model_card(read_manifest(folder), evaluation=evaluation))
+        except (OSError, TinyQAError) as e:  # a card is documentation: never fail the eval
+            logger.warning("could not update the model card of %s: %s", m.name, e)
 
 
 def _answer_words(records: list[QARecord], answers: dict[str, list[Any]]) -> dict[str, float]:
@@ -277,13 +302,17 @@ def _answer_words(records: list[QARecord], answers: dict[str, list[Any]]) -> dic
     return out
 
 
-def _cell(text: str) -> str:
-    """Text for one markdown table cell: one line, pipes escaped."""
-    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
+def _cell(text: str, max_chars: int | None = None) -> str:
+    """Text for one markdown table cell: one line, pipes escaped, clipped to ``max_chars``."""
+    text = " ".join(text.split())
+    if max_chars is not None and len(text) > max_chars:
+        text = text[: max_chars - 1].rstrip() + "…"
+    return text.replace("|", "\\|") or "(empty)"
 
 
-def format_examples(result: EvalResult) -> str:
-    """The side-by-side section of eval.md: reference and each model's answer per question."""
+def format_examples(result: EvalResult, max_chars: int | None = None) -> str:
+    """The side-by-side section of eval.md: reference and each model's answer per question
+    (``max_chars``: clip each cell, for a report that must fit a screen; eval.md has them whole)."""
     if not result.examples:
         return ""
     names = [m.name for m in result.models]
@@ -296,7 +325,7 @@ def format_examples(result: EvalResult) -> str:
     ]
     for ex in result.examples:
         cells = [ex["question"], ex["reference"], *(ex["answers"].get(n, "") for n in names)]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(_cell(c, max_chars) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -329,10 +358,11 @@ def _fmt(value: float | None, scale: float, digits: int, signed: bool = False) -
     return f"{value * scale:+.{digits}f}" if signed else f"{value * scale:.{digits}f}"
 
 
-def format_eval_table(result: EvalResult) -> str:
+def format_eval_table(result: EvalResult, max_example_chars: int | None = None) -> str:
     """Markdown table: one row per model, mean [95 % CI], and the change against the base model.
 
     Scores are shown in percent; BLEU is sacrebleu's corpus BLEU (0-100).
+    ``max_example_chars`` clips the side-by-side answers (see :func:`format_examples`).
     """
     header = ["model", *(METRIC_LABELS[m] for m in METRICS), "s / 100 q"]
     lines = [
@@ -364,7 +394,7 @@ def format_eval_table(result: EvalResult) -> str:
         lengths = ", ".join(f"{k} {v:.1f}" for k, v in result.answer_words.items())
         lines += ["", f"Mean answer length in words: {lengths}."]
     if result.examples:
-        lines += ["", format_examples(result)]
+        lines += ["", format_examples(result, max_example_chars)]
     return "\n".join(lines)
 
 

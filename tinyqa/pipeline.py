@@ -26,6 +26,8 @@ from tinyqa.storage import location, write_json
 logger = logging.getLogger(__name__)
 
 STAGES = ("prepare", "tune", "eval", "serve", "query")
+# Side-by-side answers in the report are clipped to this many characters (one screen).
+REPORT_ANSWER_CHARS = 60
 STATE_FILE = "pipeline.json"
 QUERY_QUESTIONS = 3
 
@@ -251,7 +253,8 @@ def _eval(
     from tinyqa.evaluation import format_eval_table, run_eval
 
     result = run_eval(cfg, on_progress=on_progress)
-    report.eval_table = format_eval_table(result)
+    # Clipped answers: the report must fit a screen; eval/eval.md has them whole.
+    report.eval_table = format_eval_table(result, max_example_chars=REPORT_ANSWER_CHARS)
     return {"paths": {k: str(v) for k, v in result.paths.items()}, "table": report.eval_table}
 
 
@@ -331,7 +334,6 @@ def format_report(report: PipelineReport) -> str:
     lines = [
         "",
         "== tinyqa pipeline report ==",
-        "",
         "| stage | status | seconds |",
         "| --- | --- | --- |",
     ]
@@ -347,9 +349,10 @@ def format_report(report: PipelineReport) -> str:
     if report.eval_table:
         lines += ["", "Evaluation (held-out questions):", report.eval_table]
     if report.answers:
-        lines += ["", "Answers from the live endpoint:"]
+        adapters = sorted({a["adapter"] for a in report.answers})
+        lines += ["", f"Answers from the live endpoint ({', '.join(adapters)}):"]
         for a in report.answers:
-            lines.append(f"  Q: {a['question']}\n  A: {a['answer']}   [{a['adapter']}]")
+            lines.append(f"  {a['question']} -> {a['answer']}")
     if report.artifacts:
         # One line (wrapped by the terminal): the report must fit a screen with the rest.
         run = str(report.cfg.run_dir)
@@ -359,14 +362,11 @@ def format_report(report: PipelineReport) -> str:
         ]
         lines += ["", f"Artifacts in {run}/: " + ", ".join(names)]
     if report.url:
-        adapter = report.best["adapter_id"] if report.best else "ADAPTER"
+        # The OpenAI-client form of the same call is in the README (it is three lines wide).
         lines += [
             "",
-            f"Endpoint: {report.url}  (left running)",
+            f"Endpoint: {report.url}  (left running; OpenAI-compatible at {report.url}/v1)",
             f"  curl -s {report.url}/v1/ask -H 'Content-Type: application/json' "
             '-d \'{"question": "What does `json.dumps` do?"}\'',
-            f"  python -c \"from openai import OpenAI; c = OpenAI(base_url='{report.url}/v1', api_key='none'); "
-            f"print(c.chat.completions.create(model='{adapter}', messages=[{{'role': 'user', 'content': "
-            "'What does `json.dumps` do?'}]).choices[0].message.content)\"",
         ]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from huggingface_hub import ModelCard
 
 from tinyqa.card import CardError, build_model_card, write_model_card
@@ -63,8 +64,13 @@ def test_trained_adapter_folder_has_a_hub_model_card(trained):
     assert "`tiny` (not on the Hugging Face Hub" in card.text  # ... and the body says so
     assert manifest["dataset"]["sha256"] in card.text
     assert "PeftModel.from_pretrained" in card.text
-    assert "lora:\n  r: 8" in card.text  # the resolved training config
+    block = card.text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(block)["lora"]["r"] == 8  # the resolved training config
     assert "sk-never-in-a-card-123" not in (adapter / "README.md").read_text()
+    # `run_eval` on the experiment's held-out split put its scores into the card in place.
+    index = meta["model-index"][0]["results"]
+    types = {m["type"] for r in index for m in r["metrics"]}
+    assert {"keyword_recall", "token_f1", "rougeL"} <= types, types
 
 
 def test_card_names_hub_bases_and_lists_metrics_in_the_model_index():
@@ -203,3 +209,66 @@ def test_bad_export_requests_are_one_line_errors(trained, tmp_path, capsys, monk
         export_adapter(trained["cfg"], "nope")
     with pytest.raises(ExportError, match="already exists"):
         export_adapter(trained["cfg"], "tiny-demo", out=out)
+
+
+def test_merged_export_of_a_qlora_adapter_dequantizes_the_nf4_base(
+    tmp_path, tiny_dir, adapter_helpers
+):
+    """An adapter trained on a 4-bit NF4 base (QLoRA, bitsandbytes on CPU) merges into the
+    dequantized base: a plain float model, no quantization_config, the card saying so, and the same
+    greedy answers as the adapter on its NF4 base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tinyqa.adapters import base_settings_from_manifest, read_manifest
+    from tinyqa.model import load_adapter, load_base_model
+
+    subset = adapter_helpers.write_subset(bundled_dataset_path(), tmp_path / "subset.json", 24)
+    cfg = load_config(
+        CONFIG,
+        [
+            f"storage_path={tmp_path / 'runs'}",
+            f"data.path={subset}",
+            "model.quantization=nf4",
+            "tracking.mlflow=false",
+            "train.adapter_id=qlora",
+        ],
+    )
+    adapter = adapter_helpers.train_tiny_adapter(cfg, steps=30)
+    manifest = read_manifest(adapter)
+    assert manifest["config"]["model"]["quantization"] == "nf4"
+
+    out = tmp_path / "merged"
+    result = export_adapter(cfg, str(adapter), out=out, merged=True)
+    assert result.merged
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    card = (out / "README.md").read_text()
+    assert "nf4-quantized" in card and "dequantized" in card
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert all(p.dtype.is_floating_point for p in merged.parameters())
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    base = load_base_model(base_settings_from_manifest(manifest), "cpu")
+    assert getattr(base, "is_loaded_in_4bit", False)
+    adapted = load_adapter(base, adapter).eval()
+    same = 0
+    for question in QUESTIONS:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
+        prompt = torch.tensor([ids])
+        got = []
+        for model in (merged, adapted):
+            with torch.no_grad():
+                out_ids = model.generate(
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=16,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            got.append(out_ids[0, prompt.shape[1] :].tolist())
+        same += got[0] == got[1]
+    # The merged weights are dequant(W) + BA in float32, the adapter computes dequant(W)x + BAx
+    # with bitsandbytes' kernels: equal up to rounding, so greedy answers agree.
+    assert same == len(QUESTIONS), f"{same}/{len(QUESTIONS)} answers identical"
