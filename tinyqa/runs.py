@@ -156,17 +156,14 @@ def format_runs(runs: dict[str, Any], width: int = 120) -> str:
     if not any(e["adapters"] for e in runs["experiments"]):
         return _strip(buf.getvalue()) + "\n\nno adapters yet"
     adapters = Table(box=box.SIMPLE_HEAD, title="adapters", title_justify="left")
-    for name in (
-        "experiment",
-        "adapter",
-        "base model",
-        "eval loss",
-        "steps",
-        "created",
-        "best",
-        "serving",
-    ):
-        adapters.add_column(name)
+    for name in ("experiment", "adapter", "base model", "eval loss", "steps", "created"):
+        # Ids are what a user copies into `--adapter` / eval.adapters: never cut them short.
+        wraps = name == "base model"  # a local path may be long: it folds, nothing else does
+        adapters.add_column(
+            name, no_wrap=not wraps, overflow="fold", min_width=12 if wraps else None
+        )
+    adapters.add_column("best")
+    adapters.add_column("serving")
     for e in runs["experiments"]:
         for a in e["adapters"]:
             m = a["metrics"]
@@ -181,13 +178,19 @@ def format_runs(runs: dict[str, Any], width: int = 120) -> str:
                 str(a["base_model"] or "?"),
                 loss_text,
                 str(m.get("steps", "-")),
-                str(a["created"] or "?"),
+                _minute(a["created"]),
                 "*" if a["best"] else "",
                 a["serving"] or "",
             )
     console.print()
     console.print(adapters)
     return _strip(buf.getvalue())
+
+
+def _minute(created: Any) -> str:
+    """``2026-12-07T02:53:51.123+00:00`` -> ``2026-12-07 02:53`` (the table's width is for ids)."""
+    text = str(created or "?")
+    return text[:16].replace("T", " ") if len(text) >= 16 and text[10:11] == "T" else text
 
 
 def _strip(text: str) -> str:
