@@ -194,7 +194,7 @@ def _pipeline_summary(report: Any, cfg: TinyQAConfig, args: argparse.Namespace) 
     # The config as the user gave it (the demo's embedded default needs no naming): the
     # follow-ups stay short enough to read and to fit the report on one screen.
     where = _locating_args(args.config, list(args.overrides))
-    lines += ["", "Next:"]
+    lines.append("Next:")
     if report.url:
         lines += [
             f'  tinyqa ask "What does json.dumps do?" --endpoint {report.url}',
@@ -211,9 +211,10 @@ def _pipeline_summary(report: Any, cfg: TinyQAConfig, args: argparse.Namespace) 
     return "\n".join(lines)
 
 
-def _serve_summary(url: str | None, cfg: TinyQAConfig, args: argparse.Namespace) -> str:
-    if args.shutdown:
-        return f"removed Serve app {cfg.serve.app_name!r}"
+def _serve_summary(url: str | bool | None, cfg: TinyQAConfig, args: argparse.Namespace) -> str:
+    if args.shutdown:  # `url` is shutdown's answer: was the app there
+        name = cfg.serve.app_name
+        return f"removed Serve app {name!r}" if url else f"Serve app {name!r}: nothing to remove"
     return f"serving at {url}  (stop with: tinyqa serve --shutdown)"
 
 
@@ -269,8 +270,7 @@ def _call_chat(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namespa
 
 def _call_serve(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namespace) -> Any:
     if args.shutdown:
-        load(SERVE_SHUTDOWN)(cfg)
-        return None
+        return load(SERVE_SHUTDOWN)(cfg)  # True: removed; False: nothing was deployed
     _view(args, "serve")
     return fn(cfg, blocking=args.blocking)
 

@@ -358,23 +358,45 @@ def _fmt(value: float | None, scale: float, digits: int, signed: bool = False) -
     return f"{value * scale:+.{digits}f}" if signed else f"{value * scale:.{digits}f}"
 
 
-def format_eval_table(result: EvalResult, max_example_chars: int | None = None) -> str:
+def format_eval_table(
+    result: EvalResult, max_example_chars: int | None = None, compact: bool = False
+) -> str:
     """Markdown table: one row per model, mean [95 % CI], and the change against the base model.
 
     Scores are shown in percent; BLEU is sacrebleu's corpus BLEU (0-100).
     ``max_example_chars`` clips the side-by-side answers (see :func:`format_examples`).
+    ``compact`` (the demo report, which must fit a screen): the legend on one line, no source
+    path, and a metric that is 0 for every model (exact match, for generated sentences) named
+    once instead of a column of zeros.
     """
-    header = ["model", *(METRIC_LABELS[m] for m in METRICS), "s / 100 q"]
-    lines = [
+    metrics = list(METRICS)
+    legend = (
         f"Questions: {result.n_questions} ({result.source}); base model {result.base_model}; "
-        f"mean [{CONFIDENCE:.0%} bootstrap CI], all in %, change vs base in parentheses.",
-        "",
+        f"mean [{CONFIDENCE:.0%} bootstrap CI], all in %, change vs base in parentheses."
+    )
+    if compact:
+        zero = [
+            k
+            for k in METRICS
+            if result.models and all(not m.metrics[k]["mean"] for m in result.models)
+        ]
+        metrics = [k for k in METRICS if k not in zero]
+        split = result.source.split(" of ", 1)[0]
+        legend = (
+            f"{result.n_questions} questions ({split}), base {result.base_model}: mean "
+            f"[{CONFIDENCE:.0%} CI] in %, (change vs base), * = CI excludes 0"
+            + "".join(f"; {METRIC_LABELS[k]} 0 for all" for k in zero)
+        )
+    header = ["model", *(METRIC_LABELS[m] for m in metrics), "s / 100 q"]
+    lines = [
+        legend,
+        *([] if compact else [""]),
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
     ]
     for m in result.models:
         cells = [f"{m.name} ({result.base_model})" if m.adapter_dir is None else m.name]
-        for metric in METRICS:
+        for metric in metrics:
             scale = 1.0 if metric == "bleu" else 100.0
             agg = m.metrics[metric]
             lo, hi = agg["ci95"]
@@ -388,11 +410,11 @@ def format_eval_table(result: EvalResult, max_example_chars: int | None = None) 
             cells.append(cell)
         cells.append(f"{100 * m.seconds / max(result.n_questions, 1):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
-    if any(m.delta_vs_base for m in result.models):
+    if any(m.delta_vs_base for m in result.models) and not compact:
         lines += ["", "\\* the 95 % CI of the paired change excludes 0."]
     if result.answer_words:
         lengths = ", ".join(f"{k} {v:.1f}" for k, v in result.answer_words.items())
-        lines += ["", f"Mean answer length in words: {lengths}."]
+        lines += [*([] if compact else [""]), f"Mean answer length in words: {lengths}."]
     if result.examples:
         lines += ["", format_examples(result, max_example_chars)]
     return "\n".join(lines)

@@ -254,7 +254,9 @@ def _eval(
 
     result = run_eval(cfg, on_progress=on_progress)
     # Clipped answers: the report must fit a screen; eval/eval.md has them whole.
-    report.eval_table = format_eval_table(result, max_example_chars=REPORT_ANSWER_CHARS)
+    report.eval_table = format_eval_table(
+        result, max_example_chars=REPORT_ANSWER_CHARS, compact=True
+    )
     return {"paths": {k: str(v) for k, v in result.paths.items()}, "table": report.eval_table}
 
 
@@ -367,6 +369,6 @@ def format_report(report: PipelineReport) -> str:
             "",
             f"Endpoint: {report.url}  (left running; OpenAI-compatible at {report.url}/v1)",
             f"  curl -s {report.url}/v1/ask -H 'Content-Type: application/json' "
-            '-d \'{"question": "What does `json.dumps` do?"}\'',
+            '-d \'{"question": "What does json.dumps do?"}\'',
         ]
     return "\n".join(lines)

@@ -243,3 +243,36 @@ def test_format_eval_table_marks_sure_changes_and_missing_values():
     assert "50.0 [40.0, 60.0] (+20.0*)" in lines[2]  # token F1 etc.: the CI excludes 0
     assert "0.5 [0.4, 0.6] (+1.0)" in lines[2]  # BLEU is 0-100 already; its CI spans 0
     assert lines[1].endswith("| 20.0 |") and lines[2].endswith("| 10.0 |")  # s per 100 questions
+
+
+def test_compact_table_for_the_demo_report_fits_fewer_lines():
+    """The demo report's form: the legend on one line (no source path), no column that is 0 for
+    every model, clipped side-by-side answers; eval.md's full form keeps all of them."""
+    agg = {m: {"mean": 0.5, "ci95": [0.4, 0.6]} for m in METRICS}
+    agg["exact_match"] = {"mean": 0.0, "ci95": [0.0, 0.0]}
+    result = EvalResult(
+        base_model="smollm2",
+        source="eval split of /a/very/long/path/to/the/prepared/data",
+        n_questions=51,
+        models=[
+            ModelReport("base", None, agg, None, 1.0),
+            ModelReport("mine", Path("/x/mine"), agg, agg, 1.0),
+        ],
+        seconds=2.0,
+        answer_words={"reference": 5.0},
+        examples=[
+            {"question": "Q?", "reference": "r" * 100, "answers": {"base": "b", "mine": "m"}}
+        ],
+    )
+    full = format_eval_table(result)
+    compact = format_eval_table(result, max_example_chars=20, compact=True)
+    assert "exact match" in full and "/a/very/long/path" in full and "r" * 100 in full
+    legend = compact.splitlines()[0]
+    assert (
+        legend.startswith("51 questions (eval split), base smollm2:")
+        and "* = CI excludes 0" in legend
+    )
+    assert legend.endswith("; exact match 0 for all") and "/a/very" not in compact
+    assert "| exact match |" not in compact and "| keyword recall |" in compact
+    assert "| Q? | " + "r" * 19 + "… |" in compact
+    assert len(compact.splitlines()) < len(full.splitlines())
