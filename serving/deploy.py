@@ -9,8 +9,10 @@ removes the app on Ctrl-C; with no cluster running, its Ray lives in this proces
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 import httpx
 from ray import serve
@@ -136,17 +138,36 @@ def deploy(cfg: TinyQAConfig, blocking: bool = False) -> str:
     return url
 
 
-def shutdown(cfg: TinyQAConfig) -> None:
-    """Remove the app from the cluster (the cluster and Serve keep running). No cluster or no
-    such app: nothing to do."""
+def shutdown(cfg: TinyQAConfig) -> bool:
+    """Remove the app from the cluster (the cluster and Serve keep running); True if it was
+    deployed. No cluster or no such app: nothing to do (False)."""
     name = cfg.serve.app_name
-    # The same join as every other command: a plain ray.init("auto") swaps the loopback address
-    # of a tinyqa-started cluster for this machine's network address and retries it forever.
-    if not join_existing(cfg):
-        logger.info("no Ray cluster is running; app %r is not deployed", name)
-        return
-    if name not in serve.status().applications:
-        logger.info("app %r is not deployed on this cluster", name)
-        return
-    serve.delete(name)
-    logger.info("removed app %r", name)
+    # A short command: Serve's controller / proxy lines and Ray's connect banner stay in Ray's
+    # log files, not on the console (`tinyqa --verbose serve --shutdown` shows them).
+    quiet = not logging.getLogger().isEnabledFor(logging.DEBUG)
+    with _quiet_ray_loggers(quiet):
+        # The same join as every other command: a plain ray.init("auto") swaps the loopback
+        # address of a tinyqa-started cluster for this machine's network one and retries forever.
+        if not join_existing(cfg, quiet=quiet):
+            logger.info("no Ray cluster is running; app %r is not deployed", name)
+            return False
+        if name not in serve.status().applications:
+            logger.info("app %r is not deployed on this cluster", name)
+            return False
+        serve.delete(name)
+    logger.debug("removed app %r", name)
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_ray_loggers(quiet: bool) -> Iterator[None]:
+    """Ray's and Serve's loggers at ERROR for the block (when ``quiet``), then as they were."""
+    loggers = [logging.getLogger(n) for n in ("ray", "ray.serve")] if quiet else []
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from tinyqa.config import TinyQAConfig
 from tinyqa.errors import ConfigError, TinyQAError
@@ -148,27 +149,27 @@ def _keep_loopback_here() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def _join(address: str) -> None:
+def _join(address: str, quiet: bool = False) -> None:
     """``ray.init(address=…)``, an auth refusal raised as :class:`ClusterAuthError`."""
     import ray
 
     _keep_loopback(address)
     try:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **_init_logging(quiet))
     except Exception as e:
         if _is_auth_error(e):
             raise _auth_error(address, e) from e
         raise
 
 
-def _join_running_local() -> bool:
+def _join_running_local(quiet: bool = False) -> bool:
     """Join the cluster ``ray start`` left on this machine: True if joined, False if there is
     none; an auth refusal is raised, never read as "none"."""
     import ray
 
     _keep_loopback("auto")
     try:
-        ray.init(address="auto", log_to_driver=True)
+        ray.init(address="auto", **_init_logging(quiet))
     except Exception as e:
         if _is_auth_error(e):
             raise _auth_error("auto (the local `ray start` cluster)", e) from e
@@ -178,10 +179,16 @@ def _join_running_local() -> bool:
     return True
 
 
-def join_existing(cfg: TinyQAConfig) -> bool:
+def _init_logging(quiet: bool) -> dict[str, Any]:
+    """``ray.init`` logging arguments; ``quiet``: no actor lines forwarded, no connect banner."""
+    return {"log_to_driver": not quiet, "logging_level": logging.ERROR if quiet else logging.INFO}
+
+
+def join_existing(cfg: TinyQAConfig, quiet: bool = False) -> bool:
     """Join the configured cluster (``ray_address``, ``RAY_ADDRESS``) or the local one ``ray start``
     left, the way :func:`connect` does (a loopback cluster stays on loopback); False when none is
     running. Never starts one. Raises :class:`ClusterAuthError` when the cluster refuses our token.
+    ``quiet``: the actors' log lines and Ray's banner stay in Ray's files (a short command).
     """
     import ray
 
@@ -189,9 +196,9 @@ def join_existing(cfg: TinyQAConfig) -> bool:
         return True
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if not address:
-        return _join_running_local()
+        return _join_running_local(quiet)
     try:
-        _join(address)
+        _join(address, quiet)
     except ConnectionError:
         return False
     return True
