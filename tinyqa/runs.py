@@ -155,23 +155,27 @@ def format_runs(runs: dict[str, Any], width: int = 120) -> str:
     console.print(exps)
     if not any(e["adapters"] for e in runs["experiments"]):
         return _strip(buf.getvalue()) + "\n\nno adapters yet"
-    adapters = Table(box=box.SIMPLE_HEAD, title="adapters", title_justify="left")
+    adapters = Table(box=box.SIMPLE_HEAD, title="adapters", title_justify="left", pad_edge=False)
     for name in ("experiment", "adapter", "base model", "eval loss", "steps", "created"):
-        # Ids are what a user copies into `--adapter` / eval.adapters: never cut them short.
-        wraps = name == "base model"  # a local path may be long: it folds, nothing else does
+        # Ids are what a user copies into `--adapter` / eval.adapters: never cut them short. A
+        # local base path may be long (it folds); the time goes onto two lines when space is short.
+        wraps = name in ("base model", "created")
         adapters.add_column(
-            name, no_wrap=not wraps, overflow="fold", min_width=12 if wraps else None
+            name,
+            no_wrap=not wraps,
+            overflow="fold",
+            min_width={"base model": 12, "created": 10}.get(name),
         )
-    adapters.add_column("best")
-    adapters.add_column("serving")
+    adapters.add_column("best", no_wrap=True)
+    adapters.add_column("serving", no_wrap=True)
     for e in runs["experiments"]:
         for a in e["adapters"]:
             m = a["metrics"]
             loss = m.get("eval_loss")
             initial = m.get("eval_loss_initial")
-            loss_text = "-" if loss is None else f"{loss:.4f}"
+            loss_text = "-" if loss is None else f"{loss:.3f}"
             if loss is not None and initial is not None:
-                loss_text = f"{initial:.4f} -> {loss:.4f}"
+                loss_text = f"{initial:.3f} -> {loss:.3f}"
             adapters.add_row(
                 e["experiment"],
                 a["adapter_id"],

@@ -120,7 +120,7 @@ def test_marks_what_the_live_endpoint_serves(storage, repo_root, endpoint):
     assert solo["endpoint"] is None
     text = format_runs(runs)
     assert "trial-01-r8-lr3.0e-03 (eval_loss 2.9)" in text and "default" in text
-    assert "3.6000 -> 2.9000" in text
+    assert "3.600 -> 2.900" in text
 
 
 def test_cli_table_and_json(storage, repo_root, get_free_port, capsys):
