@@ -182,3 +182,23 @@ def ray_cluster():
 def get_free_port():
     """A function returning a free loopback port."""
     return free_port
+
+
+def trial_statuses(exp_dir: Path) -> list[str]:
+    """Trial statuses from Tune's latest experiment snapshot (what a restore will see)."""
+    import json
+
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not states:
+        return []
+    try:
+        data = json.loads(states[-1].read_text())
+    except (json.JSONDecodeError, OSError):
+        return []  # caught mid-write
+    return [json.loads(t[0])["status"] for t in data.get("trial_data", [])]
+
+
+@pytest.fixture(scope="session")
+def tune_statuses():
+    """:func:`trial_statuses`, for tests that watch a sweep from outside."""
+    return trial_statuses

@@ -36,6 +36,14 @@ def _step_file_factory(path: str):
     return factory
 
 
+def _registered_checkpoint(snapshot: Path) -> bool:
+    """Whether Ray Train's checkpoint manager has persisted a checkpoint (its snapshot file)."""
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (OSError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return False
+
+
 def _train_worker_nodes() -> set[str]:
     """Nodes running a live Ray Train worker actor (read from the GCS: no dashboard needed)."""
     from ray._private.state import actors
@@ -83,7 +91,7 @@ def multi_node():
 def test_training_survives_losing_a_worker_node(multi_node, make_config, tmp_path):
     import ray
 
-    from tinyqa.training import run_training
+    from tinyqa.training import run_name, run_training
 
     cluster, nodes = multi_node
     steps_file = tmp_path / "step"
@@ -107,11 +115,17 @@ def test_training_survives_losing_a_worker_node(multi_node, make_config, tmp_pat
     runner = threading.Thread(target=train, daemon=True)
     started = time.perf_counter()
     runner.start()
-    # Wait until training is past its first checkpoint (step 10), then pull a node out from
-    # under one of its workers.
+    # Wait until training is past its first checkpoint (step 10) and Ray Train has registered
+    # it (the controller collects every worker's report a moment after the step: a node lost
+    # before that loses the checkpoint too), then pull a node out from under one of its workers.
+    snapshot = cfg.ray_storage / run_name(cfg) / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 600
     while time.time() < deadline and runner.is_alive():
-        if steps_file.is_file() and int(steps_file.read_text() or 0) >= 14:
+        if (
+            steps_file.is_file()
+            and int(steps_file.read_text() or 0) >= 14
+            and _registered_checkpoint(snapshot)
+        ):
             break
         time.sleep(0.5)
     assert runner.is_alive(), f"training ended before the node could be removed: {result}"
@@ -141,3 +155,247 @@ def test_training_survives_losing_a_worker_node(multi_node, make_config, tmp_pat
     assert metrics["steps"] == 40 and metrics["world_size"] == 2
     assert figures["steps_lost"] < 10  # at most the steps since the last checkpoint
     assert figures["alive_nodes_after"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) a Serve model replica killed under steady load
+
+
+def _model_replicas() -> list[dict]:
+    """Live QAModel replica actors, from the GCS."""
+    from ray._private.state import actors
+
+    return [
+        a
+        for a in actors().values()
+        if a["State"] == "ALIVE" and "QAModel" in a.get("ActorClassName", "")
+    ]
+
+
+def test_serve_replica_killed_under_load(multi_node, make_config, get_free_port):
+    """SIGKILL one of two model replicas while 6 clients keep asking. Requests not yet running
+    on it are routed to the survivor; the ones it was running get a JSON 503 with Retry-After
+    (never a hang or another 5xx), and retrying them after that header succeeds."""
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from ray import serve
+
+    from serving.deploy import deploy
+
+    cluster, _ = multi_node
+    port = get_free_port()
+    cfg = make_config(
+        f"serve.port={port}",
+        "serve.host=127.0.0.1",
+        "serve.num_cpus=0.5",
+        "serve.min_replicas=2",
+        "serve.max_replicas=2",
+        "serve.max_new_tokens=24",
+        "serve.request_timeout_s=60",
+    )
+    # One proxy, on the head: the raylets share this machine's ports (Serve's default puts a
+    # proxy on every node with a replica, and they would all bind the same port).
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    try:
+        url = deploy(cfg)
+        deadline = time.time() + 180
+        while len(_model_replicas()) < 2:
+            assert time.time() < deadline, "two model replicas did not start"
+            time.sleep(0.5)
+
+        clients, stop = 6, threading.Event()
+        counts = {"sent": 0, "ok": 0, "503": 0, "retried_ok": 0, "other": []}
+        lock = threading.Lock()
+        killed_at: list[float] = []
+        first_503_after_kill: list[float] = []
+        questions = ["What does os.path.join do?", "What is json.loads used for?"]
+
+        def client_loop(i: int) -> None:
+            with httpx.Client(base_url=url, timeout=90.0) as c:
+                while not stop.is_set():
+                    body = {"question": questions[i % 2], "max_new_tokens": 24}
+                    with lock:
+                        counts["sent"] += 1
+                    try:
+                        r = c.post("/v1/ask", json=body)
+                    except httpx.HTTPError as e:  # a hang ends here, as a timeout
+                        with lock:
+                            counts["other"].append(repr(e))
+                        continue
+                    if r.status_code == 200:
+                        with lock:
+                            counts["ok"] += 1
+                        continue
+                    if r.status_code == 503 and r.headers.get("retry-after"):
+                        assert r.json()["error"]["code"], r.text
+                        with lock:
+                            counts["503"] += 1
+                            if killed_at:
+                                first_503_after_kill.append(time.perf_counter() - killed_at[0])
+                        time.sleep(float(r.headers["retry-after"]))
+                        again = c.post("/v1/ask", json=body)
+                        with lock:
+                            if again.status_code == 200:
+                                counts["retried_ok"] += 1
+                            else:
+                                counts["other"].append(f"retry: {again.status_code} {again.text}")
+                        continue
+                    with lock:
+                        counts["other"].append(f"{r.status_code} {r.text[:200]}")
+
+        with ThreadPoolExecutor(clients) as pool:
+            futures = [pool.submit(client_loop, i) for i in range(clients)]
+            # Steady load first: both replicas busy.
+            deadline = time.time() + 120
+            while counts["ok"] < 12:
+                assert time.time() < deadline, counts
+                time.sleep(0.2)
+            victim = _model_replicas()[0]
+            before = dict(counts, other=len(counts["other"]))
+            os.kill(victim["Pid"], signal.SIGKILL)
+            killed_at.append(time.perf_counter())
+            # Recovered: Serve has started a replacement and both replicas answer again.
+            deadline = time.time() + 240
+            while True:
+                alive = {a["ActorID"] for a in _model_replicas()}
+                if len(alive) == 2 and victim["ActorID"] not in alive:
+                    break
+                assert time.time() < deadline, "no replacement replica within 240 s"
+                time.sleep(0.5)
+            recovered_s = time.perf_counter() - killed_at[0]
+            ok_at_recovery = counts["ok"]
+            deadline = time.time() + 120
+            while counts["ok"] < ok_at_recovery + 12:  # steady load on the new pair
+                assert time.time() < deadline, counts
+                time.sleep(0.2)
+            stop.set()
+            for f in futures:
+                f.result(timeout=120)
+
+        figures = {
+            "clients": clients,
+            "sent": counts["sent"],
+            "ok": counts["ok"],
+            "failed_503_retry_after": counts["503"],
+            "retried_ok": counts["retried_ok"],
+            "other_failures": len(counts["other"]),
+            "ok_before_kill": before["ok"],
+            "seconds_kill_to_replacement": round(recovered_s, 1),
+        }
+        print("CHAOS replica kill:", json.dumps(figures))
+        logger.warning("chaos figures (replica kill): %s", figures)
+        # No hang, no 500: every failure was a JSON 503 with Retry-After, and its retry answered.
+        assert counts["other"] == [], counts["other"]
+        assert counts["503"] == counts["retried_ok"]
+        # Only requests already running on the killed replica may fail: at most one per client
+        # in flight at the kill, each within a few seconds of it (not the ones routed later).
+        assert counts["503"] <= clients
+        assert all(t < 30 for t in first_503_after_kill), first_503_after_kill
+        with httpx.Client(base_url=url, timeout=60.0) as c:
+            assert c.post("/v1/ask", json={"question": questions[0]}).status_code == 200
+    finally:
+        serve.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) a sweep's driver job stopped with `ray job stop`, then resubmitted
+
+
+def test_stopped_sweep_job_resubmitted_finishes_without_rerunning(
+    ray_cluster_factory, tmp_path, tune_statuses
+):
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+    import pandas as pd
+
+    repo = Path(__file__).resolve().parents[2]
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cluster = ray_cluster_factory(num_cpus=2)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ADDRESS": cluster.dashboard_url,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+
+    def ray_job(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [ray_bin, "job", *args, "--address", cluster.dashboard_url],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def job_logs(submission_id: str) -> str:
+        """The job's own output, from the job API (the CLI adds a coloured header)."""
+        url = f"{cluster.dashboard_url}/api/jobs/{submission_id}/logs"
+        return httpx.get(url, timeout=30).json()["logs"]
+
+    storage = tmp_path / "runs"
+    # Separate arguments: `ray job submit -- ARGS` quotes each one into the job's command line.
+    entrypoint = [
+        "python", "jobs/tune.py", "--config", "jobs/configs/tiny-cpu.yaml", "train.num_workers=1",
+        "train.max_steps=10", "train.eval_steps=5", "train.save_steps=5", "train.logging_steps=5",
+        "train.batch_size=4", "data.max_length=128", f"storage_path={storage}",
+        "experiment=job-stop", "tune.search.r=[4]", "tune.search.lr=[1.0e-3,3.0e-3,1.0e-2]",
+        "tune.scheduler=none", "tune.max_concurrent_trials=1",
+    ]  # fmt: skip
+    exp_dir = storage / "job-stop" / "ray" / "tune" / "sweep"
+    adapters = storage / "job-stop" / "adapters"
+    try:
+        first = subprocess.run(
+            [ray_bin, "job", "submit", "--address", cluster.dashboard_url, "--no-wait",
+             "--submission-id", "sweep-1", "--working-dir", str(repo), "--", *entrypoint],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert first.returncode == 0, first.stdout + first.stderr
+        deadline = time.time() + 400
+        while "TERMINATED" not in tune_statuses(exp_dir):
+            # The job API over HTTP: a `ray job status` process per poll costs a core-second.
+            status = httpx.get(f"{cluster.dashboard_url}/api/jobs/sweep-1", timeout=10).json()
+            assert status["status"] not in ("FAILED", "STOPPED"), job_logs("sweep-1")
+            assert time.time() < deadline, "no trial finished within 400 s"
+            time.sleep(1)
+        stopped = ray_job("stop", "sweep-1", timeout=180)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        status = httpx.get(f"{cluster.dashboard_url}/api/jobs/sweep-1", timeout=10).json()
+        assert status["status"] == "STOPPED", status
+        done_before = tune_statuses(exp_dir).count("TERMINATED")
+        assert 1 <= done_before < 3
+        finished = {
+            p.name: (p / "tinyqa.json").stat().st_mtime_ns
+            for p in adapters.iterdir()
+            if (p / "tinyqa.json").is_file()
+        }
+        assert len(finished) == done_before
+
+        resumed_at = time.perf_counter()
+        second = subprocess.run(
+            [ray_bin, "job", "submit", "--address", cluster.dashboard_url,
+             "--submission-id", "sweep-2", "--working-dir", str(repo), "--", *entrypoint],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        # Plain lines in the job's log (what `ray job logs` shows under its own coloured
+        # header): no terminal control characters.
+        logs = job_logs("sweep-2")
+        assert "\x1b[" not in logs and "\r" not in logs.replace("\r\n", "\n")
+        for adapter_id, mtime in finished.items():  # the finished trials were not trained again
+            assert (adapters / adapter_id / "tinyqa.json").stat().st_mtime_ns == mtime
+        df = pd.read_csv(storage / "job-stop" / "results.csv")
+        assert len(df) == 3 and (df["status"] == "completed").all(), df.to_string()
+        assert set(finished) <= set(df["adapter_id"])
+        figures = {
+            "trials": 3,
+            "finished_before_stop": done_before,
+            "retrained_after_resubmit": 3 - done_before,
+            "seconds_resubmit_to_done": round(time.perf_counter() - resumed_at, 1),
+        }
+        print("CHAOS job stop:", json.dumps(figures))
+        print("ray job logs (resubmitted sweep):\n" + logs[-2500:])
+    finally:
+        cluster.stop()

@@ -79,7 +79,9 @@ def test_demo_leaves_every_artifact(demo_run):
     state = json.loads((run / "pipeline.json").read_text())
     assert set(state) == {"prepare", "tune", "eval", "serve", "query"}
     assert "Endpoint: http://127.0.0.1:" in proc.stdout
-    assert "curl -s" in proc.stdout and "OpenAI(base_url=" in proc.stdout
+    # How to call it: curl, and the OpenAI-compatible base URL (the client snippet is in the README).
+    assert "curl -s http://127.0.0.1:" in proc.stdout
+    assert "OpenAI-compatible at http://127.0.0.1:" in proc.stdout
 
 
 def test_demo_console_is_short_and_plain(demo_run):

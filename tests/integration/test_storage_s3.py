@@ -16,8 +16,6 @@ import httpx
 import pytest
 
 # Slow on a shared 2-core machine: a whole pipeline plus a training run twice.
-# s3_e2e: deselected by default (pyproject addopts) until it has passed on an idle machine: the
-# pipeline in a moto bucket trained ~10x slower per step than on local disk (issue 14, open).
 pytestmark = [pytest.mark.integration, pytest.mark.s3_e2e, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +80,7 @@ def test_pipeline_in_a_bucket(s3_cluster, tmp_path, get_free_port):
         cluster,
         work,
         "demo",
+        "--quick",  # the tiny model: the demo's default is the real SmolLM2 (issue 10)
         f"storage_path=s3://{BUCKET}/runs",
         f"storage.cache_dir={cache}",
         f"serve.port={port}",

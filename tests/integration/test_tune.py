@@ -55,18 +55,6 @@ def cluster(ray_cluster_factory):
         ray_cluster.stop()
 
 
-def _experiment_statuses(exp_dir: Path) -> list[str]:
-    """Trial statuses from Tune's latest experiment snapshot (what a restore will see)."""
-    states = sorted(exp_dir.glob("experiment_state-*.json"))
-    if not states:
-        return []
-    try:
-        data = json.loads(states[-1].read_text())
-    except (json.JSONDecodeError, OSError):
-        return []  # caught mid-write
-    return [json.loads(t[0])["status"] for t in data.get("trial_data", [])]
-
-
 def test_grid_sweep_with_asha_promotes_best_adapter(cluster, make_config):
     import ray
 
@@ -129,7 +117,7 @@ def test_grid_sweep_with_asha_promotes_best_adapter(cluster, make_config):
     assert "| * |" in tune.format_table(result)
 
 
-def test_killed_driver_resumes_without_retraining_finished_trials(cluster, tmp_path):
+def test_killed_driver_resumes_without_retraining_finished_trials(cluster, tmp_path, tune_statuses):
     storage = tmp_path / "runs"
     cmd = [
         sys.executable,
@@ -149,7 +137,7 @@ def test_killed_driver_resumes_without_retraining_finished_trials(cluster, tmp_p
     first = subprocess.Popen(cmd, cwd=REPO, env=cluster, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
-        while "TERMINATED" not in _experiment_statuses(exp_dir):
+        while "TERMINATED" not in tune_statuses(exp_dir):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "no trial finished within 300 s"
             time.sleep(0.5)
@@ -159,7 +147,7 @@ def test_killed_driver_resumes_without_retraining_finished_trials(cluster, tmp_p
         if first.poll() is None:
             first.kill()
         log.close()
-    statuses = _experiment_statuses(exp_dir)
+    statuses = tune_statuses(exp_dir)
     assert statuses.count("TERMINATED") == 1, statuses  # max_concurrent_trials=1
 
     adapters = storage / "sweep-resume" / "adapters"
@@ -183,7 +171,7 @@ def test_killed_driver_resumes_without_retraining_finished_trials(cluster, tmp_p
     assert len(list(adapters.iterdir())) == 2
     best = json.loads((storage / "sweep-resume" / "best.json").read_text())
     assert best["adapter_id"] in set(df["adapter_id"])
-    assert _experiment_statuses(exp_dir) == ["TERMINATED", "TERMINATED"]
+    assert tune_statuses(exp_dir) == ["TERMINATED", "TERMINATED"]
 
     # A changed search space is refused rather than silently resumed with the old one.
     changed = subprocess.run(

@@ -148,33 +148,15 @@ def test_merged_export_loads_with_plain_transformers_and_answers_like_the_adapte
     base = load_base_model(base_settings_from_manifest(manifest), "cpu")
     adapted = load_adapter(base, trained["adapter"]).eval()
 
-    answers = {"merged": [], "adapter": []}
-    for question in QUESTIONS:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True
-        )["input_ids"]
-        prompt = torch.tensor([ids])  # (1, T)
-        for name, model in (("merged", merged), ("adapter", adapted)):
-            with torch.no_grad():
-                out_ids = model.generate(
-                    input_ids=prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=24,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            answers[name].append(out_ids[0, prompt.shape[1] :].tolist())
+    answers = {
+        name: [_greedy(model, tokenizer, q, 24) for q in QUESTIONS]
+        for name, model in (("merged", merged), ("adapter", adapted))
+    }
     assert answers["merged"] == answers["adapter"]
     # Not vacuous: the adapter changes what the base model says.
-    with adapted.disable_adapter(), torch.no_grad():
-        plain = adapted.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=24,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    assert plain[0, prompt.shape[1] :].tolist() != answers["adapter"][-1]
+    with adapted.disable_adapter():
+        plain = _greedy(adapted, tokenizer, QUESTIONS[-1], 24)
+    assert plain != answers["adapter"][-1]
 
 
 def test_dry_run_push_lists_the_upload_and_writes_nothing(trained, tmp_path, capsys, monkeypatch):
@@ -251,24 +233,30 @@ def test_merged_export_of_a_qlora_adapter_dequantizes_the_nf4_base(
     base = load_base_model(base_settings_from_manifest(manifest), "cpu")
     assert getattr(base, "is_loaded_in_4bit", False)
     adapted = load_adapter(base, adapter).eval()
-    same = 0
-    for question in QUESTIONS:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True
-        )["input_ids"]
-        prompt = torch.tensor([ids])
-        got = []
-        for model in (merged, adapted):
-            with torch.no_grad():
-                out_ids = model.generate(
-                    input_ids=prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    max_new_tokens=16,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            got.append(out_ids[0, prompt.shape[1] :].tolist())
-        same += got[0] == got[1]
+    same = sum(
+        _greedy(merged, tokenizer, q, 16) == _greedy(adapted, tokenizer, q, 16) for q in QUESTIONS
+    )
     # The merged weights are dequant(W) + BA in float32, the adapter computes dequant(W)x + BAx
     # with bitsandbytes' kernels: equal up to rounding, so greedy answers agree.
     assert same == len(QUESTIONS), f"{same}/{len(QUESTIONS)} answers identical"
+
+
+def _prompt(tokenizer, question: str) -> torch.Tensor:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    return torch.tensor([ids])  # (1, T)
+
+
+def _greedy(model, tokenizer, question: str, max_new_tokens: int) -> list[int]:
+    """The generated token ids of a greedy answer to ``question``."""
+    prompt = _prompt(tokenizer, question)
+    with torch.no_grad():
+        out_ids = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return out_ids[0, prompt.shape[1] :].tolist()
