@@ -283,7 +283,19 @@ def start_local_cluster(num_cpus: int | None = None, **ports_and_dirs: int | str
     env = {**os.environ, **worker_env(), **_LOCAL_ONLY_ENV}
     # Generous: on a busy machine Ray's agents alone take minutes to import (measured under a
     # load average of ~100 on 2 cores); a start killed half-way leaves a half-started cluster.
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    # A session of its own: the cluster (and the endpoint on it) must outlive the terminal too.
+    # In the terminal's session, closing it (or the end of a tmux pane's / ssh session's
+    # command) sends SIGHUP to Ray's daemons, and the endpoint the report promised is gone.
+    # No stdin either: the daemons would otherwise hold the terminal open after it closed.
+    proc = subprocess.run(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        start_new_session=True,
+    )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise TinyQAError(

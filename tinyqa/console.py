@@ -110,11 +110,22 @@ class _Bar:
     total: int | None
     done: int = 0
     started: float = field(default_factory=time.monotonic)
+    # (time, done) when work was first seen done: the rate counts from there, not from the
+    # stage's start, which includes starting Ray and loading the model (an ETA of 39 min at
+    # step 1 of a one-minute run).
+    origin: tuple[float, int] | None = None
+    seen: int = 0  # done at the last estimate
 
     def eta(self, now: float) -> float | None:
         if not self.total or self.done <= 0:
             return None
-        return (now - self.started) * (self.total - self.done) / self.done
+        if self.origin is None or self.done < self.seen:  # first sight, or restarted
+            self.origin = (now, self.done)
+        self.seen = self.done
+        since, first = self.origin
+        if self.done <= first or now <= since:
+            return None
+        return (now - since) * (self.total - self.done) / (self.done - first)
 
 
 class ConsoleView:
@@ -278,6 +289,26 @@ class ConsoleView:
                     self.metrics[key] = float(metrics[key])
             self._progress_line(f"{self.stage or 'train'}: {self._bar_text()}")
 
+    def step_progress(self, tag: str | None, step: int, metrics: dict[str, float]) -> None:
+        """Rank 0's step, as it trains (between checkpoints, when Train and Tune report)."""
+        with self._lock:
+            if "loss" in metrics:
+                self.metrics["loss"] = float(metrics["loss"])
+            row = self.trials.get(tag) if tag is not None else None
+            if row is not None:
+                if row.finished:
+                    return  # a late event from a trial already stopped
+                row.step = max(row.step, int(step))
+                self._update_sweep_bar()
+                self._progress_line(f"tune: {self._bar_text()}; {self._sweep_counts()}")
+                return
+            if tag is not None or self.trials:
+                return  # a trial not announced yet: its start event comes first
+            if self.bar is None or self.bar.unit != "steps":
+                self.bar = _Bar("steps", self._total_steps_per_run(), started=self.stage_started)
+            self.bar.done = max(self.bar.done, int(step))
+            self._progress_line(f"{self.stage or 'train'}: {self._bar_text()}")
+
     def train_error(self, summary: str) -> None:
         log = f"; full log: {self.log_file}" if self.log_file else ""
         self.message(f"training worker failed: {summary}{log}")
@@ -299,8 +330,8 @@ class ConsoleView:
             if result is not None:
                 row.iteration = int(result.get("training_iteration", row.iteration) or 0)
                 step = result.get("step", result.get("steps"))
-                if step is not None:
-                    row.step = int(step)
+                if step is not None:  # the workers' step events may be ahead of the checkpoint
+                    row.step = max(row.step, int(step))
                 if isinstance(result.get(metric), (int, float)):
                     row.metric = float(result[metric])
                 for key in ("loss", "eval_loss"):

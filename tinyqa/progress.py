@@ -10,6 +10,10 @@ callbacks=)``, ``run_sweep(..., callbacks=)``) and forwards what they see to the
 - :class:`TrainProgress` is a Train V2 ``UserCallback``; it runs in the Train controller actor,
   not on the driver, so it puts small dicts on a ``ray.util.queue.Queue`` that
   :class:`QueueDrain` empties into the sink on a driver thread.
+- :class:`StepProgress` is a Trainer callback factory for the Train workers (see
+  :data:`tinyqa.training.CallbackFactory`): rank 0 puts its step and loss on such a queue as it
+  trains, so a bar moves every step instead of once per checkpoint (Train and Tune only hear of
+  checkpoints). :func:`worker_callbacks` hands them out while a sink is set.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ray.tune import Callback
 logger = logging.getLogger(__name__)
 
 _sink: ProgressSink | None = None
+_step_drain: QueueDrain | None = None  # opened by worker_callbacks(), closed by set_sink(None)
 
 
 class ProgressSink(Protocol):
@@ -33,6 +38,10 @@ class ProgressSink(Protocol):
 
     def train_error(self, summary: str) -> None:
         """A Train worker raised (Ray may retry the run)."""
+
+    def step_progress(self, tag: str | None, step: int, metrics: dict[str, float]) -> None:
+        """Rank 0 of a Train run finished ``step`` (``tag``: the Tune trial id in a sweep,
+        None for a plain training run); ``metrics`` holds ``loss`` when it was just logged."""
 
     def trial_event(
         self,
@@ -48,9 +57,25 @@ class ProgressSink(Protocol):
 
 
 def set_sink(sink: ProgressSink | None) -> None:
-    """Where this process's progress callbacks send their events (None: nowhere)."""
-    global _sink
+    """Where this process's progress callbacks send their events (None: nowhere; this also
+    stops the queue that :func:`worker_callbacks` opened)."""
+    global _sink, _step_drain
     _sink = sink
+    if sink is None and _step_drain is not None:
+        _step_drain.close()
+        _step_drain = None
+
+
+def worker_callbacks() -> list[StepProgress]:
+    """Trainer callback factories that send rank 0's steps to this process's sink; none when no
+    sink is set (a library caller, a test). Call once Ray is connected: the first call starts
+    the queue actor that carries the steps."""
+    global _step_drain
+    if _sink is None:
+        return []
+    if _step_drain is None:
+        _step_drain = QueueDrain()
+    return [StepProgress(_step_drain.queue)]
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
@@ -118,9 +143,51 @@ class TrainProgress(UserCallback):
         self._put({"error": f"worker {rank}: {_error_line(error)}"})
 
 
+class StepProgress:
+    """Trainer callback factory (picklable: it travels to the Train workers): rank 0's callback
+    puts ``{"step": ...}`` on the queue after each step, at most once per ``every_s`` seconds
+    unless a loss was just logged. Nothing on the other ranks."""
+
+    def __init__(self, queue: Any, tag: str | None = None, every_s: float = 1.0):
+        self._queue, self._tag, self._every_s = queue, tag, every_s
+
+    def tagged(self, tag: str) -> StepProgress:
+        """The same factory, its events tagged (a sweep tags them with the trial id)."""
+        return StepProgress(self._queue, tag, self._every_s)
+
+    def __call__(self, cfg: Any, rank: int) -> Any:
+        import time
+
+        from transformers import TrainerCallback
+
+        queue, tag, every_s = self._queue, self._tag, self._every_s
+
+        class StepToQueue(TrainerCallback):
+            last: float | None = None
+
+            def _put(self, step: int, metrics: dict[str, float], force: bool) -> None:
+                now = time.monotonic()
+                due = force or self.last is None or now - self.last >= every_s
+                if rank != 0 or not due:
+                    return
+                self.last = now
+                with contextlib.suppress(Exception):  # progress never stops training
+                    queue.put_nowait({"step": {"tag": tag, "step": step, "metrics": metrics}})
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self._put(state.global_step, {}, force=False)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                loss = (logs or {}).get("loss")
+                if isinstance(loss, (int, float)):
+                    self._put(state.global_step, {"loss": float(loss)}, force=True)
+
+        return StepToQueue()
+
+
 class QueueDrain:
-    """Driver side of :class:`TrainProgress`: a Ray queue and a thread that empties it into the
-    sink. Create it after Ray is connected; :meth:`close` stops the thread and the queue actor."""
+    """Driver side of :class:`TrainProgress` and :class:`StepProgress`: a Ray queue and a
+    thread that empties it into the sink. Create it after Ray is connected; :meth:`close` stops the thread and the queue actor."""
 
     def __init__(self, maxsize: int = 1000):
         from ray.util.queue import Queue
@@ -151,6 +218,8 @@ class QueueDrain:
         try:
             if "report" in item:
                 _sink.train_report(item["report"])
+            elif "step" in item:
+                _sink.step_progress(**item["step"])
             elif "error" in item:
                 _sink.train_error(item["error"])
         except Exception:

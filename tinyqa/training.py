@@ -377,6 +377,7 @@ def run_training(
     Raises :class:`~tinyqa.errors.TinyQAError` subclasses for user mistakes (bad data, storage) and
     :class:`TrainingFailed` when Ray Train gives up.
     """
+    from tinyqa import progress
     from tinyqa.adapters import read_manifest
     from tinyqa.cluster import connect
     from tinyqa.data import prepare_dataset
@@ -388,8 +389,9 @@ def run_training(
     logger.info("training %s (Ray run %s under %s)", cfg.adapter_id, name, cfg.ray_storage)
     user_callbacks = list(callbacks()) if callbacks else None
     tracked = tracking.train_callbacks(cfg, name)  # MLflow: rank 0 opens the run
+    steps = progress.worker_callbacks()  # a console's bar moves every step
     trainer = build_trainer(
-        cfg, name, callbacks=user_callbacks, extra_callbacks=[*tracked, *extra_callbacks]
+        cfg, name, callbacks=user_callbacks, extra_callbacks=[*tracked, *steps, *extra_callbacks]
     )
     try:
         trainer.fit()

@@ -84,6 +84,49 @@ def test_train_reports_fill_the_bar_and_losses(cfg):
     assert "training worker failed: worker 0: RuntimeError: injected failure" in text
 
 
+def test_steps_between_checkpoints_move_the_bar(cfg):
+    """Rank 0's step events move the bar every step (Train / Tune report only at checkpoints),
+    so the ETA does not grow while a run trains between two checkpoints."""
+    out = io.StringIO()
+    view = ConsoleView("train", cfg, out, plain_every=0)
+    view.begin("train")
+    view.step_progress(None, 7, {})
+    view.step_progress(None, 12, {"loss": 3.25})
+    assert (view.bar.done, view.bar.total) == (12, 60)
+    assert "12/60 steps (20%)" in out.getvalue() and "loss 3.2500" in out.getvalue()
+    view.train_report({"step": 10, "eval_loss": 3.5})  # a checkpoint's report, caught up
+    assert view.bar.done == 10
+
+
+def test_eta_counts_from_the_first_step_not_the_stage_start():
+    """The stage's first minute (Ray, model load) is not a step's cost."""
+    from tinyqa.console import _Bar
+
+    bar = _Bar("steps", 60, started=0.0)
+    bar.done = 1
+    assert bar.eta(100.0) is None  # one sighting: no rate yet
+    bar.done = 11
+    assert bar.eta(110.0) == pytest.approx(49.0)  # 10 steps in 10 s, 49 to go
+    bar.done = 3  # a run restarted from a checkpoint: the rate starts over
+    assert bar.eta(120.0) is None
+
+
+def test_trial_steps_fill_the_trial_row_and_the_sweep_bar(cfg):
+    view = ConsoleView("tune", cfg, io.StringIO(), plain_every=0)
+    view.begin("tune")
+    view.trial_event("start", "a_00000", PARAMS, "PENDING", None, None)
+    view.step_progress("a_00000", 9, {"loss": 3.0})
+    assert view.trials["a_00000"].step == 9 and view.bar.done == 9
+    # The checkpoint's report at step 5 arrives after the step events: the row stays at 9.
+    view.trial_event("result", "a_00000", PARAMS, "RUNNING", _result(1, 5, 3.1), None)
+    assert view.trials["a_00000"].step == 9
+    view.trial_event("complete", "a_00000", PARAMS, "TERMINATED", None, None)
+    view.step_progress("a_00000", 11, {})  # late, from a stopped trial: ignored
+    view.step_progress("unknown", 3, {})  # a trial not announced yet: ignored
+    assert view.trials["a_00000"].step == 9 and set(view.trials) == {"a_00000"}
+    assert view.bar.done == 60  # an ended trial counts as done
+
+
 def test_live_view_shows_stage_bar_and_trial_table(cfg):
     view = ConsoleView("demo", cfg, io.StringIO(), live=True, width=100)
     view.on_stage("prepare", "running")

@@ -155,6 +155,7 @@ def run_sweep(cfg: TinyQAConfig, fresh: bool = False, callbacks: Sequence[Any] =
 
     from ray import tune
 
+    from tinyqa import progress
     from tinyqa.data import prepare_dataset
     from tinyqa.training import check_storage
 
@@ -221,7 +222,7 @@ def run_sweep(cfg: TinyQAConfig, fresh: bool = False, callbacks: Sequence[Any] =
     if not restored:
         tune_dir(cfg).mkdir(parents=True, exist_ok=True)
     sweep_id = _sweep_id(cfg, restored)
-    trial_fn = trainable(cfg, sweep_id)
+    trial_fn = trainable(cfg, sweep_id, progress.worker_callbacks())
     sweep_run = tracking.start_sweep_run(cfg, exp_dir, restored)  # MLflow: trials nest under it
     if restored:
         logger.info("resuming the sweep in %s (finished trials are kept)", exp_dir)

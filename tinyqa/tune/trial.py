@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,18 +119,22 @@ def _report_callback():
     return SweepReportCallback
 
 
-def _run_trial(config: dict[str, Any], base: dict[str, Any], sweep_id: str = "") -> None:
+def _run_trial(
+    config: dict[str, Any], base: dict[str, Any], sweep_id: str = "", steps: Sequence[Any] = ()
+) -> None:
     """Tune trainable: one Ray Train run with this trial's hyper-parameters.
 
     A crash propagates so Tune retries the trial (FailureConfig); the retry's Train run has the
     same name, so it resumes from the trial's last checkpoint instead of starting over.
+    ``steps``: :class:`tinyqa.progress.StepProgress` factories, tagged here with the trial id.
     """
     from ray import tune
 
     from tinyqa.training import build_trainer
 
     params = {k: config[k] for k in ("r", "lr", "alpha_ratio", "dropout") if k in config}
-    adapter_id = trial_adapter_id(params, tune.get_context().get_trial_id(), sweep_id)
+    trial_id = tune.get_context().get_trial_id()
+    adapter_id = trial_adapter_id(params, trial_id, sweep_id)
     cfg = trial_config(base, params, adapter_id)
     first = list(dict.fromkeys([cfg.tune.metric, "eval_loss", "loss", "step"]))
     callback = _report_callback()(adapter_id, first)
@@ -138,6 +143,7 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], sweep_id: str = "")
         name=f"{adapter_id}-{_params_digest(params)}",
         callbacks=[callback],
         storage_path=_trial_runs_dir(cfg),
+        extra_callbacks=[factory.tagged(trial_id) for factory in steps],
     )
     trainer.fit()
     if cfg.tune.metric in GENERATION_METRICS:
@@ -165,9 +171,10 @@ def _generation_scores(cfg: TinyQAConfig) -> dict[str, float]:
     return ray.get(task.remote(adapter_dir, records, cfg.eval.max_new_tokens, cfg.eval.batch_size))
 
 
-def trainable(cfg: TinyQAConfig, sweep_id: str = ""):
-    """The Tune trainable for this sweep: :func:`_run_trial` with the sweep's base config and id
-    bound and a trial driver's resources (its Train workers reserve their own).
+def trainable(cfg: TinyQAConfig, sweep_id: str = "", steps: Sequence[Any] = ()):
+    """The Tune trainable for this sweep: :func:`_run_trial` with the sweep's base config, id
+    and step-progress factories bound, and a trial driver's resources (its Train workers reserve
+    their own).
 
     Tune records the trainable's name (``_run_trial``) in the experiment and ``Tuner.restore``
     refuses another one, so renaming that function breaks resuming existing sweeps.
@@ -175,6 +182,8 @@ def trainable(cfg: TinyQAConfig, sweep_id: str = ""):
     from ray import tune
 
     return tune.with_resources(
-        tune.with_parameters(_run_trial, base=_absolute_paths(cfg), sweep_id=sweep_id),
+        tune.with_parameters(
+            _run_trial, base=_absolute_paths(cfg), sweep_id=sweep_id, steps=list(steps)
+        ),
         {"cpu": 0, "memory": _TRIAL_DRIVER_MEMORY},
     )
