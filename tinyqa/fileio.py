@@ -10,7 +10,10 @@ Permissions: new files and folders get what a plain ``open`` / ``mkdir`` would g
 ``0600`` / ``0700``, which then survives the rename: another user (or a container running as
 another uid, e.g. Ray workers) could not read a results file or an adapter. The temporaries are
 therefore created with ``os.open(..., 0o666)`` / ``os.mkdir(..., 0o777)``, so the kernel applies
-the umask; nothing here reads or changes the umask.
+the umask; nothing here reads or changes the umask. Writers inside :func:`atomic_folder` may make
+their own files owner-only (safetensors >= 0.8 writes through ``mkstemp``, so
+``adapter_model.safetensors`` came out ``0600`` beside ``0644`` tokenizer files): before the
+folder is published, each file gets the read bits its folder's umask-derived mode grants.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +112,19 @@ def write_json(path: str | os.PathLike[str], data: Any, *, sort_keys: bool = Fal
     return write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
+def _grant_reads(folder: Path) -> None:
+    """Give every file under ``folder`` the read bits that ``folder``'s own mode (``0o777`` minus
+    the umask, from ``os.mkdir``) grants; a file that already has them is left alone."""
+    reads = stat.S_IMODE(folder.stat().st_mode) & 0o444
+    for root, _, files in os.walk(folder):
+        for name in files:
+            file = os.path.join(root, name)
+            st = os.lstat(file)
+            mode = stat.S_IMODE(st.st_mode)
+            if not stat.S_ISLNK(st.st_mode) and mode & reads != reads:
+                os.chmod(file, mode | reads)
+
+
 @contextmanager
 def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; when the block ends without an exception,
@@ -133,6 +150,7 @@ def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
+        _grant_reads(tmp)
         if path.exists() and _exchange(tmp, path):
             old = tmp  # it now holds the previous folder; the new one took the name in one step
         else:

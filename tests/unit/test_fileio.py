@@ -75,6 +75,19 @@ def test_files_and_folders_get_umask_permissions_not_0600(tmp_path, umask_027):
     assert _mode(tmp_path / "plain.txt") == _mode(f)
 
 
+def test_owner_only_files_written_in_a_folder_get_the_umask_read_bits(tmp_path, umask_027):
+    """A writer that makes its file 0600 (safetensors >= 0.8 saves through mkstemp) would leave an
+    adapter's weights unreadable to the group a shared storage path is for."""
+    with fileio.atomic_folder(tmp_path / "adapter") as tmp:
+        weights = tmp / "adapter_model.safetensors"
+        weights.write_bytes(b"w")
+        weights.chmod(0o600)
+        (tmp / "run.sh").write_text("#!/bin/sh\n")
+        (tmp / "run.sh").chmod(0o700)
+    assert _mode(tmp_path / "adapter" / "adapter_model.safetensors") == 0o640
+    assert _mode(tmp_path / "adapter" / "run.sh") == 0o740  # execute bits are not added
+
+
 def test_writes_do_not_change_the_umask(tmp_path):
     before = _umask()
     fileio.write_text(tmp_path / "a", "x")
