@@ -307,6 +307,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             "device": str(device.type),
         }
         save_adapter(trainer.model, tokenizer, cfg.adapters_dir / cfg.adapter_id, manifest)
+        tracking.publish_tensorboard(cfg)
         logger.info(
             "adapter %s: eval loss %.4f -> %.4f", cfg.adapter_id, initial_eval, final["eval_loss"]
         )

@@ -112,6 +112,9 @@ def test_pipeline_in_a_bucket(s3_cluster, tmp_path, get_free_port):
     ):
         assert run + rel in keys, rel
     assert any(k.startswith(run + "ray/tune/") and "checkpoint" in k for k in keys)
+    # TensorBoard's events, written on the worker's node, uploaded when the trial ended.
+    events = f"{run}tensorboard/{best['adapter_id']}/"
+    assert any(k.startswith(events) and "tfevents" in k for k in keys), events
     # Nothing written to local disk outside the caches: the working folder stays empty.
     assert list(work.iterdir()) == []
     # The endpoint answers with the best adapter, downloaded once into the replica's cache.

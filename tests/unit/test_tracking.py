@@ -22,6 +22,23 @@ def test_defaults_track_to_a_local_store_and_tensorboard_inside_the_experiment(t
     }
 
 
+def test_a_bucket_run_writes_tensorboard_on_the_node_then_uploads_it(s3):
+    """tensorboardX's own s3:// writer re-uploads the whole event file through a new boto3 client
+    at every logged step; events go to the worker's disk and into the bucket when training ends."""
+    cfg = load_config(
+        None, ["storage_path=s3://tinyqa-test/runs", "experiment=exp", "train.adapter_id=a1"]
+    )
+    local = tracking.tensorboard_logging_dir(cfg)
+    assert tracking.worker_env(cfg) == {"TENSORBOARD_LOGGING_DIR": str(local)}
+    assert not str(local).startswith("s3:")
+    (local / "run").mkdir(parents=True)
+    (local / "run" / "events.out.tfevents.1.host").write_bytes(b"\x00events")
+    tracking.publish_tensorboard(cfg)
+    assert s3.keys("tinyqa-test") == ["runs/exp/tensorboard/a1/run/events.out.tfevents.1.host"]
+    assert not local.exists()  # the node's copy is gone once uploaded
+    tracking.publish_tensorboard(cfg)  # nothing left to upload: no error
+
+
 def test_tracking_can_be_pointed_elsewhere_or_switched_off(tmp_path):
     cfg = load_config(
         None,
