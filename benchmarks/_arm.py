@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
         from benchmarks.serve import measure_baseline as run
     elif kind == "serve_engines":
         from benchmarks.serve import measure_engines as run
+    elif kind == "serve_llamacpp":
+        from benchmarks.serve import measure_llamacpp as run
     elif kind == "serve_load":
         from benchmarks.serve import measure_serving as run
     else:
