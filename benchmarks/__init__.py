@@ -40,6 +40,8 @@ def run_bench(
     for option in ("endpoint", "requests", "concurrency"):
         if options.get(option) is not None and suite != "serve":
             raise BenchError(f"--{option} applies to the serve suite only, not to {suite!r}")
+    if options.get("arms") is not None and suite not in ("train", "serve"):
+        raise BenchError(f"--arms applies to the train and serve suites, not to {suite!r}")
     folder = out_dir(cfg, out)
     if suite == "train":
         from benchmarks.train import bench_train as fn

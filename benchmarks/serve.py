@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_IDS = ("bench-a0", "bench-a1", "bench-a2", "bench-a3")
 FULL = {"concurrency": (1, 8, 16, 32), "requests": 96}
+SERVE_ARMS = ("baseline", "static", "continuous", "engines", "llamacpp")
+"""baseline: the seed's in-process loop; static / continuous: that engine behind Serve over HTTP;
+engines: the engines in one process (loop, plain batched generate, continuous); llamacpp:
+llama.cpp on the smollm2 GGUF."""
+QUICK_ARMS = ("baseline", "llamacpp")  # plus the configured engine behind Serve
 QUICK = {"concurrency": (1, 4), "requests": 8, "max_new_tokens": 8}
 APP_NAME = "tinyqa-bench"
 
@@ -436,14 +441,24 @@ def bench_serve(
     ray_worker_niceness: int | None = 0,
     requests: int | None = None,
     concurrency: tuple[int, ...] | None = None,
+    arms: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Measure serving (see the module docstring) and return the suite's result.
 
     ``ray_worker_niceness``: niceness of the scratch Ray's workers (None = Ray's default, 15).
     ``requests`` / ``concurrency`` replace the preset sizes (a real model on a few CPUs needs
-    fewer requests per mode than the full preset's 96).
+    fewer requests per mode than the full preset's 96). ``arms``: a subset of :data:`SERVE_ARMS`
+    (default: all of them in a full run; a quick run: baseline, llama.cpp); the configured
+    ``serve.engine`` always runs behind Serve.
     """
     started = time.perf_counter()
+    if arms is not None and (unknown := set(arms) - set(SERVE_ARMS)):
+        raise BenchError(
+            f"unknown serve bench arm(s) {', '.join(sorted(unknown))}; choose from "
+            f"{', '.join(SERVE_ARMS)}"
+        )
+    if arms is not None and endpoint is not None:
+        raise BenchError("--arms does not apply with --endpoint (that measures the deployment)")
     sizes = dict(QUICK if quick else FULL)
     if requests is not None:
         if requests < 1:
@@ -476,10 +491,15 @@ def bench_serve(
         "ray_cpus": threads,
         "ray_worker_niceness": ray_worker_niceness if endpoint is None else "as deployed",
     }
+    selected = set(arms) if arms is not None else set(QUICK_ARMS if quick else SERVE_ARMS)
+    settings["arms"] = [a for a in SERVE_ARMS if a in selected]
+    # A hang guard, not a budget: a real model on 2 CPUs answers 64 tokens in ~5 s, one at a time.
+    arm_timeout = 600.0 if quick else max(1800.0, 60.0 * sizes["requests"])
     result = new_result("serve", quick, settings)
     result["arms"] = {}
+    baseline = None
     try:
-        if endpoint is None:
+        if endpoint is None and "baseline" in selected:
             baseline = run_arm(
                 "serve_baseline",
                 {
@@ -491,16 +511,17 @@ def bench_serve(
                     "adapter": ADAPTER_IDS[0],
                     "make_adapters": True,
                 },
-                600.0,
+                arm_timeout,
                 work / "arms",
             )
+        elif endpoint is None:
+            make_adapters(c)  # the baseline arm writes them otherwise
+        if endpoint is None:
             # The configured engine is arms["serve"]; a full run also deploys the other one and
             # measures the engines in-process (no Serve, no HTTP) against plain batched generate.
-            engines = (
-                [c.serve.engine]
-                if quick
-                else [c.serve.engine] + [e for e in ("static", "continuous") if e != c.serve.engine]
-            )
+            engines = [c.serve.engine] + [
+                e for e in ("static", "continuous") if e != c.serve.engine and e in selected
+            ]
             for engine in engines:
                 arm_config = {**config, "serve": {**config["serve"], "engine": engine}}
                 result["arms"]["serve" if engine == c.serve.engine else f"serve_{engine}"] = (
@@ -519,17 +540,18 @@ def bench_serve(
                             "max_new_tokens": max_new,
                             "worker_niceness": ray_worker_niceness,
                         },
-                        600.0 if quick else 1200.0,
+                        arm_timeout,
                         work / "arms",
                     )
                 )
             served = result["arms"]["serve"]
-            llamacpp = _llamacpp_arm(c, config, base_threads, sizes, max_new, work, quick)
-            if isinstance(llamacpp, str):
-                result["notes"].append(llamacpp)
-            else:
-                result["arms"]["llamacpp"] = llamacpp
-            if not quick:
+            if "llamacpp" in selected:
+                llamacpp = _llamacpp_arm(c, config, base_threads, sizes, max_new, work, arm_timeout)
+                if isinstance(llamacpp, str):
+                    result["notes"].append(llamacpp)
+                else:
+                    result["arms"]["llamacpp"] = llamacpp
+            if "engines" in selected:
                 result["arms"]["engines"] = run_arm(
                     "serve_engines",
                     {
@@ -542,7 +564,7 @@ def bench_serve(
                         "arms": ["loop", "batched", "continuous", "continuous-stream"],
                         "make_adapters": False,
                     },
-                    1200.0,
+                    2 * arm_timeout,
                     work / "arms",
                 )
         else:
@@ -564,7 +586,7 @@ def _llamacpp_arm(
     sizes: dict[str, Any],
     max_new: int,
     work: Path,
-    quick: bool,
+    timeout_s: float,
 ) -> dict[str, Any] | str:
     """The llama.cpp arm's result, or a note saying why it did not run."""
     import importlib.util
@@ -587,7 +609,7 @@ def _llamacpp_arm(
         "requests": sizes["requests"],
         "max_new_tokens": max_new,
     }
-    return run_arm("serve_llamacpp", spec, 600.0 if quick else 1200.0, work / "arms")
+    return run_arm("serve_llamacpp", spec, timeout_s, work / "arms")
 
 
 def _bench_endpoint(

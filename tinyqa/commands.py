@@ -303,6 +303,13 @@ def _call_export(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Names
     )
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected arm names like baseline,static, not {text!r}")
+    return names
+
+
 def _concurrency(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
@@ -318,6 +325,8 @@ def _call_bench(fn: Callable[..., Any], cfg: TinyQAConfig, args: argparse.Namesp
         options["requests"] = args.requests
     if args.concurrency is not None:
         options["concurrency"] = args.concurrency
+    if args.arms is not None:
+        options["arms"] = args.arms
     _view(args, f"bench {args.suite}")
     return fn(cfg, args.suite, out=args.out, quick=args.quick, **options)
 
@@ -495,6 +504,13 @@ COMMANDS: dict[str, Command] = {
                     "--concurrency",
                     type=_concurrency,
                     help="serve suite: client counts, e.g. 1,16 (default 1,8,16,32)",
+                ),
+                arg(
+                    "--arms",
+                    type=_names,
+                    help="train / serve suites: the arms to run, e.g. baseline,static "
+                    "(train: seed,tinyqa,plain,ray; serve: baseline,static,continuous,engines,"
+                    "llamacpp; default all)",
                 ),
             ),
             description="Benchmarks: training (seed vs tinyqa, plain TRL vs Ray Train), serving "

@@ -229,6 +229,13 @@ def test_unknown_suite_and_arm_are_user_errors(make_config, tmp_path):
         run_bench(cfg, "train", out=tmp_path, requests=4)
     with pytest.raises(BenchError, match="--concurrency must list client counts"):
         run_bench(cfg, "serve", out=tmp_path, concurrency=(0, 16))
+    with pytest.raises(BenchError, match="unknown serve bench arm.*fast; choose from baseline"):
+        run_bench(cfg, "serve", out=tmp_path, arms=("static", "fast"))
+    with pytest.raises(BenchError, match="--arms applies to the train and serve suites"):
+        run_bench(cfg, "tune", out=tmp_path, arms=("baseline",))
+    with pytest.raises(BenchError, match="--arms does not apply with --endpoint"):
+        run_bench(cfg, "serve", out=tmp_path, endpoint="http://127.0.0.1:1", arms=("static",))
+    assert list(tmp_path.iterdir()) == [], "a refused bench leaves nothing behind"
 
 
 def test_serve_sizes_on_the_command_line():
@@ -244,6 +251,14 @@ def test_serve_sizes_on_the_command_line():
     assert proc.returncode == 2
     assert "expected client counts like 1,16, not '1,x'" in proc.stderr
     assert "Traceback" not in proc.stderr
+    arms = subprocess.run(
+        [sys.executable, "-m", "tinyqa.cli", "bench", "serve", "--arms", ","],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert arms.returncode == 2 and "expected arm names like baseline,static" in arms.stderr
 
 
 def test_benchmark_job_help():
