@@ -100,10 +100,10 @@ def report_to(cfg: TinyQAConfig) -> list[str] | str:
 def tensorboard_logging_dir(cfg: TinyQAConfig) -> Path:
     """Where a Train worker's TensorBoard callback writes ``cfg``'s run: ``<run>/tensorboard/<adapter>``,
     or, when the run lives in a bucket, a folder on the worker's own node that
-    :func:`publish_tensorboard` uploads there when training ends. (tensorboardX can write
-    ``s3://`` itself, but builds a new boto3 client and uploads the whole event file again at every
-    flush, i.e. every logged step: a training step through a local S3 server took ~9 s instead of
-    ~1 s.)"""
+    :func:`publish_tensorboard` uploads there when training ends. (tensorboardX writes ``s3://``
+    only where boto3 is installed and ``gs://`` only with google-cloud-storage, neither of them a
+    tinyqa dependency, so a plain install would fail as training starts; and it
+    uploads the whole event file again, through a new boto3 client, at every flush.)"""
     if isinstance(cfg.run_dir, Path):
         return tensorboard_dir(cfg) / cfg.adapter_id
     return Path(tempfile.gettempdir()) / "tinyqa-tensorboard" / cfg.experiment / cfg.adapter_id

@@ -23,8 +23,8 @@ def test_defaults_track_to_a_local_store_and_tensorboard_inside_the_experiment(t
 
 
 def test_a_bucket_run_writes_tensorboard_on_the_node_then_uploads_it(s3):
-    """tensorboardX's own s3:// writer re-uploads the whole event file through a new boto3 client
-    at every logged step; events go to the worker's disk and into the bucket when training ends."""
+    """tensorboardX's own s3:// writer needs boto3 (not a dependency) on every worker; events go
+    to the worker's disk and into the bucket when training ends."""
     cfg = load_config(
         None, ["storage_path=s3://tinyqa-test/runs", "experiment=exp", "train.adapter_id=a1"]
     )
