@@ -190,12 +190,13 @@ class ServeSettings(_Section):
     default_adapter: str | None = Field(None, description="Empty = the one best.json names.")
     quantization: Literal["auto", "nf4", "int8", "none", "bf16"] = "auto"
     engine: Literal["static", "continuous"] = Field(
-        "static",
-        description="'static': @serve.batch batches, each generated to its end; 'continuous': "
-        "token-level batching (requests join and leave between decode steps).",
+        "continuous",
+        description="'continuous': token-level batching (requests join and leave between decode "
+        "steps, streams share the batch); 'static': @serve.batch batches, each generated to its "
+        "end (docs/benchmarks.md compares them).",
     )
     max_batch_size: int = Field(
-        8, ge=1, description="Requests generated together (continuous: sequences per step)."
+        16, ge=1, description="Requests generated together (continuous: sequences per step)."
     )
     num_threads: int | None = Field(
         None, ge=1, description="torch threads per model replica; empty = torch's choice."

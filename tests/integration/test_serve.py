@@ -26,8 +26,8 @@ QUESTIONS = [
     "How can I sort a list of dicts by a key?",
     "What is json.loads used for?",
 ]
-# The engine under test: the default, or the other one with TINYQA_TEST_SERVE_ENGINE=continuous.
-ENGINE = os.environ.get("TINYQA_TEST_SERVE_ENGINE", "static")
+# The engine under test: the default, or the other one with TINYQA_TEST_SERVE_ENGINE=static.
+ENGINE = os.environ.get("TINYQA_TEST_SERVE_ENGINE", "continuous")
 LIMITS = [
     "serve.max_question_chars=2000",
     "serve.max_prompt_tokens=64",
