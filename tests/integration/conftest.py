@@ -24,6 +24,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # Loopback test clusters run without Ray token auth, whatever ~/.ray/auth_token or a test did to
 # the environment (see tests/conftest.py).
 NO_TOKEN_AUTH = {"RAY_AUTH_MODE": "disabled"}
+NO_AGENT = "No available agent to submit job"
 
 
 def free_port() -> int:
@@ -37,6 +38,7 @@ class RayCluster:
     address: str  # GCS address for ray.init / RAY_ADDRESS
     dashboard_url: str  # job API for `ray job submit --address`
     temp_dir: str
+    agent_url: str = ""  # the head node's dashboard agent, which runs submitted jobs
 
     def stop(self) -> None:
         stop_cluster(self.temp_dir)
@@ -45,7 +47,34 @@ class RayCluster:
         return {**os.environ, **NO_TOKEN_AUTH, "RAY_ADDRESS": self.address}
 
     def submit(self, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir <repo> -- <entrypoint>`; waits for the job to end."""
+        """`ray job submit --working-dir <repo> -- <entrypoint>`; waits for the job to end.
+
+        A submission the job API refuses because the head's agent is not reachable yet (Ray waits
+        10 s for it, then answers 500 "No available agent") is retried for up to 2 minutes: no job
+        was created, so a retry cannot run it twice. When it still fails, the agent's log is added.
+        """
+        deadline = time.time() + 120
+        while True:
+            proc = self._submit_once(entrypoint, timeout)
+            if proc.returncode == 0 or NO_AGENT not in proc.stderr:
+                return proc
+            if time.time() > deadline:
+                proc.stderr += "\n--- dashboard_agent.log (tail) ---\n" + self.log_tail(
+                    "dashboard_agent.log"
+                )
+                return proc
+            time.sleep(5)
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        logs = Path(self.temp_dir, "session_latest", "logs", name)
+        try:
+            return "\n".join(logs.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as e:
+            return f"(no {logs}: {e})"
+
+    def _submit_once(
+        self, entrypoint: tuple[str, ...], timeout: float
+    ) -> subprocess.CompletedProcess:
         env = {
             **os.environ,
             **NO_TOKEN_AUTH,
@@ -106,7 +135,7 @@ def stop_cluster(temp_dir: str) -> None:
 
 def start_cluster(num_cpus: int = 4) -> RayCluster:
     temp_dir = tempfile.mkdtemp(prefix="tq-ray-", dir="/tmp")
-    port, dash = free_port(), free_port()
+    port, dash, agent = free_port(), free_port(), free_port()
     cmd = [
         RAY,
         "start",
@@ -118,7 +147,7 @@ def start_cluster(num_cpus: int = 4) -> RayCluster:
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
         f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-listen-port={agent}",
         "--disable-usage-stats",
     ]
     # Jobs run `python ...` through the cluster's PATH: make it this interpreter's.
@@ -134,7 +163,9 @@ def start_cluster(num_cpus: int = 4) -> RayCluster:
     if proc.returncode != 0:
         stop_cluster(temp_dir)
         raise RuntimeError(f"ray start failed:\n{proc.stdout}\n{proc.stderr}")
-    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir)
+    cluster = RayCluster(
+        f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir, f"http://127.0.0.1:{agent}"
+    )
     try:
         _wait_for_job_api(cluster)
     except BaseException:
@@ -144,9 +175,22 @@ def start_cluster(num_cpus: int = 4) -> RayCluster:
 
 
 def _wait_for_job_api(cluster: RayCluster, timeout: float = 180) -> None:
+    """Until the dashboard answers and the head's agent (which runs submitted jobs) is healthy."""
     import httpx
 
     deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{cluster.agent_url}/api/local_raylet_healthz", timeout=2).is_success:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        raise RuntimeError(
+            "the head's dashboard agent did not come up:\n"
+            + cluster.log_tail("dashboard_agent.log")
+        )
     while time.time() < deadline:
         try:
             # 401 also means "up": Ray turns token auth on once ~/.ray/auth_token exists (any
