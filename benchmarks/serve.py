@@ -432,6 +432,23 @@ def _scratch_config(
     return build_config(d, "bench serve config").to_dict()
 
 
+def _served_precision(c: Any) -> str:
+    """What this machine's replicas compute in: ``serve.quantization`` and ``model.dtype``
+    resolved for their device (e.g. ``bfloat16``, ``nf4, compute float32``)."""
+    import torch
+
+    from tinyqa.model import compute_dtype
+
+    device = torch.device("cuda" if c.serve.num_gpus else "cpu")
+    quant = c.serve.quantization
+    if quant == "auto":
+        quant = "nf4" if device.type == "cuda" else "none"
+    if quant == "bf16":
+        return "bfloat16"
+    dtype = str(compute_dtype(c.model, device)).removeprefix("torch.")
+    return dtype if quant == "none" else f"{quant}, compute {dtype}"
+
+
 def bench_serve(
     cfg: TinyQAConfig,
     out: Path,
@@ -478,6 +495,7 @@ def bench_serve(
     settings = {
         "model": c.model.name,
         "quantization": c.serve.quantization,
+        "precision": _served_precision(c) if endpoint is None else "as deployed",
         "endpoint": endpoint,
         "replicas": replicas if endpoint is None else "as deployed",
         "engine": c.serve.engine,
@@ -748,7 +766,7 @@ def _fill_serve_tables(
                 )
     s = result["settings"]
     result["table"] = {
-        "title": f"Serving {s['model']} ({s['max_new_tokens']} new tokens max, "
+        "title": f"Serving {s['model']} ({s.get('precision', '?')}, {s['max_new_tokens']} new tokens max, "
         f"{s['replicas']} model replica(s), batch ≤{s['max_batch_size']})",
         "columns": cols,
         "rows": rows,
