@@ -134,6 +134,22 @@ def test_pipeline_in_a_bucket(s3_cluster, tmp_path, get_free_port):
     print(f"\nS3 demo: {wall:.1f} s wall, {len(keys)} objects in the bucket")
 
 
+def _registered_checkpoint(server, prefix: str) -> bool:
+    """Whether a Ray Train run under ``prefix`` has persisted a checkpoint (its snapshot)."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=server.endpoint.removeprefix("http://"), scheme="http")
+    for key in server.keys(BUCKET):
+        if key.startswith(prefix) and key.endswith("/checkpoint_manager_snapshot.json"):
+            try:
+                with fs.open_input_stream(f"{BUCKET}/{key}") as f:
+                    if json.loads(f.read()).get("latest_checkpoint_result") is not None:
+                        return True
+            except (OSError, json.JSONDecodeError):  # caught mid-write
+                continue
+    return False
+
+
 def test_server_stopped_mid_run_then_rerun_resumes(s3_cluster, tmp_path):
     server, cluster = s3_cluster
     storage = f"s3://{BUCKET}/fault"
@@ -158,9 +174,12 @@ def test_server_stopped_mid_run_then_rerun_resumes(s3_cluster, tmp_path):
         text=True,
         env=env,
     )
+    # Stop the server once Ray Train has registered the first checkpoint (its snapshot in the
+    # bucket names it). A checkpoint folder whose upload the outage cuts short is not one: the
+    # rerun would rightly start from step 0.
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if any("checkpoint_" in k for k in server.keys(BUCKET)):
+        if _registered_checkpoint(server, "fault/fault/ray/"):
             break
         time.sleep(1)
     assert proc.poll() is None, "training ended before its first checkpoint"
