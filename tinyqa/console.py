@@ -101,6 +101,15 @@ class TrialRow:
     def finished(self) -> bool:
         return self.status in ("TERMINATED", "ERROR")
 
+    @property
+    def shown_status(self) -> str:
+        """Tune's status, except that a running trial with no step yet is ``starting``: Tune
+        calls a trial running once its driver starts, while its Train workers may still wait
+        for CPUs / GPUs that another trial holds."""
+        if self.status == "RUNNING" and self.step == 0 and self.iteration == 0:
+            return "starting"
+        return self.status.lower()
+
 
 @dataclass
 class _Bar:
@@ -387,7 +396,7 @@ class ConsoleView:
     def _sweep_counts(self) -> str:
         counts: dict[str, int] = {}
         for row in self.trials.values():
-            counts[row.status.lower()] = counts.get(row.status.lower(), 0) + 1
+            counts[row.shown_status] = counts.get(row.shown_status, 0) + 1
         text = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         best = self._best()
         if best is not None:
@@ -472,7 +481,7 @@ class ConsoleView:
                 row.label,
                 str(row.params.get("r", "")),
                 f"{float(row.params['lr']):.1e}" if "lr" in row.params else "",
-                row.status.lower(),
+                row.shown_status,
                 str(row.iteration),
                 str(row.step),
                 _fmt_metric(row.metric),

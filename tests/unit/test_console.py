@@ -136,6 +136,8 @@ def test_live_view_shows_stage_bar_and_trial_table(cfg):
     view.trial_event(
         "result", "a_00001", {"r": 8, "lr": 3e-3}, "RUNNING", _result(1, 15, 3.3), None
     )
+    # Tune calls a trial running while its Train workers still wait for the CPUs: "starting".
+    view.trial_event("start", "a_00002", {"r": 16, "lr": 1e-3}, "RUNNING", None, None)
     buf = io.StringIO()
     Console(file=buf, width=100, force_terminal=False).print(view.render())
     text = buf.getvalue()
@@ -145,6 +147,8 @@ def test_live_view_shows_stage_bar_and_trial_table(cfg):
     assert ["trial", "r", "lr", "status", "iter", "step", "eval_loss"] in rows
     assert ["0", "4", "1.0e-03", "running", "2", "30", "3.1"] in rows
     assert ["1", "8", "3.0e-03", "running", "1", "15", "3.3"] in rows
+    assert ["2", "16", "1.0e-03", "starting", "0", "0"] in rows
+    assert view._sweep_counts().startswith("2 running, 1 starting")
 
 
 def test_eval_progress_prints_the_last_batch(cfg):
