@@ -251,9 +251,9 @@ def list_endpoint_adapters(url: str, api_key: str | None) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- arm processes
-def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
-    """The seed's way: one process, one question at a time through ``QAEngine`` (spec: config,
-    threads, requests, max_new_tokens, adapter, make_adapters)."""
+def _load_qa_engine(spec: dict[str, Any], min_adapters: int = 1) -> tuple[Any, Any, float]:
+    """An arm process's config (adapters made when ``spec`` asks), its torch threads set, and a
+    ``QAEngine`` holding at least ``min_adapters``; with the engine's load time in seconds."""
     import torch
 
     from tinyqa.inference import QAEngine
@@ -267,10 +267,18 @@ def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
         cfg.model,
         cfg.adapters_dir,
         quantization=cfg.serve.quantization,
-        max_adapters=cfg.serve.max_adapters_per_replica,
+        max_adapters=max(cfg.serve.max_adapters_per_replica, min_adapters),
         system_prompt=cfg.data.system_prompt,
     )
-    load_seconds = time.perf_counter() - t
+    return cfg, engine, time.perf_counter() - t
+
+
+def measure_baseline(spec: dict[str, Any]) -> dict[str, Any]:
+    """The seed's way: one process, one question at a time through ``QAEngine`` (spec: config,
+    threads, requests, max_new_tokens, adapter, make_adapters)."""
+    import torch
+
+    cfg, engine, load_seconds = _load_qa_engine(spec)
     questions = _questions(cfg, int(spec["requests"]))
     adapter, n_new = spec.get("adapter"), int(spec["max_new_tokens"])
     engine.ask(questions[0], adapter, n_new)  # warm-up (adapter load, first-call costs)
@@ -872,21 +880,9 @@ def measure_engines(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from tinyqa.engine import ContinuousEngine
-    from tinyqa.inference import GenerationRequest, QAEngine
+    from tinyqa.inference import GenerationRequest
 
-    cfg = build_config(spec["config"], "bench serve config")
-    if spec.get("make_adapters"):
-        make_adapters(cfg)
-    torch.set_num_threads(int(spec["threads"]))
-    t = time.perf_counter()
-    qa = QAEngine(
-        cfg.model,
-        cfg.adapters_dir,
-        quantization=cfg.serve.quantization,
-        max_adapters=max(cfg.serve.max_adapters_per_replica, len(ADAPTER_IDS)),
-        system_prompt=cfg.data.system_prompt,
-    )
-    load_seconds = time.perf_counter() - t
+    cfg, qa, load_seconds = _load_qa_engine(spec, min_adapters=len(ADAPTER_IDS))
     n_new = int(spec["max_new_tokens"])
     questions = _questions(cfg, int(spec["requests"]))
     sets: dict[str, list[str | None]] = {

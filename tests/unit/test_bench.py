@@ -238,37 +238,26 @@ def test_unknown_suite_and_arm_are_user_errors(make_config, tmp_path):
     assert list(tmp_path.iterdir()) == [], "a refused bench leaves nothing behind"
 
 
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """This interpreter with ``args``, in the repository."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_serve_sizes_on_the_command_line():
     """`--requests 16 --concurrency 1,16` reach the serve suite; a malformed list is refused by
     the parser (exit 2, one line), before anything starts."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "tinyqa.cli", "bench", "serve", "--concurrency", "1,x"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _run("-m", "tinyqa.cli", "bench", "serve", "--concurrency", "1,x")
     assert proc.returncode == 2
     assert "expected client counts like 1,16, not '1,x'" in proc.stderr
     assert "Traceback" not in proc.stderr
-    arms = subprocess.run(
-        [sys.executable, "-m", "tinyqa.cli", "bench", "serve", "--arms", ","],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    arms = _run("-m", "tinyqa.cli", "bench", "serve", "--arms", ",")
     assert arms.returncode == 2 and "expected arm names like baseline,static" in arms.stderr
 
 
 def test_benchmark_job_help():
-    proc = subprocess.run(
-        [sys.executable, "jobs/benchmark.py", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _run("jobs/benchmark.py", "--help")
     assert proc.returncode == 0 and "{train,serve,tune,gpu}" in proc.stdout
 
 
