@@ -140,6 +140,7 @@ def s3(monkeypatch):
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
     server.start()
+    server.reset()  # an empty store, whatever an earlier test (or module fixture) left in it
     server.create_bucket("tinyqa-test")
     try:
         yield server

@@ -294,13 +294,16 @@ def test_chunked_body_over_the_limit_is_cut_off_while_reading(client, app_url):
 
     serve = {"max_messages": 8, "max_question_chars": 2000}
     limit = max_body_bytes(build_config({"serve": serve}).serve)
-    total = 64 * 1024 * 1024
+    total = 1024 * 1024 * 1024
     started = time.perf_counter()
     status, body, sent = _chunked_upload(app_url, "/v1/ask", total)
     elapsed = time.perf_counter() - started
     assert status == 413, body[:300]
     assert _dechunk(body)["error"]["code"] == "body_too_large"
-    # Answered long before the upload could have ended: the server stopped reading at the limit.
+    # Answered long before the upload could have ended: the handler stopped at the limit. Serve
+    # itself keeps receiving until the connection closes (the replica fetches the request's
+    # messages eagerly), so what the client got out before the 413 reached it varies with the
+    # machine's load: 42 MB in 83 ms once on a loaded 2-core CI machine, hence the 1 GiB upload.
     assert sent < total // 2, (sent, limit, elapsed)
     _good(client)
 

@@ -49,6 +49,9 @@ def s3_cluster(ray_cluster_factory, s3_server_factory):
         yield server, cluster
     finally:
         cluster.stop()
+        if server._server is None:
+            server.start()
+        server.reset()  # moto's store lives on in this process: leave no bucket to later tests
         server.stop()
         for key, value in saved.items():
             if value is None:
