@@ -445,15 +445,13 @@ def _served_precision(c: Any) -> str:
     resolved for their device (e.g. ``bfloat16``, ``nf4, compute float32``)."""
     import torch
 
+    from serving.api import served_device
     from tinyqa.model import compute_dtype
 
-    device = torch.device("cuda" if c.serve.num_gpus else "cpu")
-    quant = c.serve.quantization
-    if quant == "auto":
-        quant = "nf4" if device.type == "cuda" else "none"
+    device, quant = served_device(c.serve)
     if quant == "bf16":
         return "bfloat16"
-    dtype = str(compute_dtype(c.model, device)).removeprefix("torch.")
+    dtype = str(compute_dtype(c.model, torch.device(device))).removeprefix("torch.")
     return dtype if quant == "none" else f"{quant}, compute {dtype}"
 
 
@@ -774,8 +772,8 @@ def _fill_serve_tables(
                 )
     s = result["settings"]
     result["table"] = {
-        "title": f"Serving {s['model']} ({s.get('precision', '?')}, {s['max_new_tokens']} new tokens max, "
-        f"{s['replicas']} model replica(s), batch ≤{s['max_batch_size']})",
+        "title": f"Serving {s['model']} ({s['precision']}, {s['max_new_tokens']} new tokens "
+        f"max, {s['replicas']} model replica(s), batch ≤{s['max_batch_size']})",
         "columns": cols,
         "rows": rows,
     }
