@@ -30,6 +30,7 @@ import shutil
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,9 +395,7 @@ class ConsoleView:
         )
 
     def _sweep_counts(self) -> str:
-        counts: dict[str, int] = {}
-        for row in self.trials.values():
-            counts[row.shown_status] = counts.get(row.shown_status, 0) + 1
+        counts = Counter(row.shown_status for row in self.trials.values())
         text = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
         best = self._best()
         if best is not None:
