@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 # Before transformers is imported anywhere: never reach for a hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -100,16 +101,20 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
-    def create_bucket(self, name: str) -> None:
+    def filesystem(self, **options: Any) -> Any:
+        """A ``pyarrow.fs.S3FileSystem`` on this server (the client Ray and tinyqa use)."""
         import pyarrow.fs as pafs
 
-        fs = pafs.S3FileSystem(
-            endpoint_override=f"127.0.0.1:{self.port}",
-            scheme="http",
-            region="us-east-1",
-            allow_bucket_creation=True,
+        return pafs.S3FileSystem(
+            endpoint_override=f"127.0.0.1:{self.port}", scheme="http", region="us-east-1", **options
         )
-        fs.create_dir(name)
+
+    def create_bucket(self, name: str) -> None:
+        self.filesystem(allow_bucket_creation=True).create_dir(name)
+
+    def read(self, bucket: str, key: str) -> bytes:
+        with self.filesystem().open_input_stream(f"{bucket}/{key}") as f:
+            return f.read()
 
     def reset(self) -> None:
         """Forget every bucket: moto keeps its state per process, across server restarts."""
@@ -119,14 +124,19 @@ class S3Server:
             urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"), timeout=10
         ).close()
 
+    def close(self) -> None:
+        """Forget every bucket (running again if a test stopped it), then stop: moto's store
+        outlives the server in this process, so later tests start from nothing."""
+        if self._server is None:
+            self.start()
+        self.reset()
+        self.stop()
+
     def keys(self, bucket: str) -> list[str]:
         """Every object key in ``bucket``, sorted."""
         import pyarrow.fs as pafs
 
-        fs = pafs.S3FileSystem(
-            endpoint_override=f"127.0.0.1:{self.port}", scheme="http", region="us-east-1"
-        )
-        infos = fs.get_file_info(pafs.FileSelector(bucket, recursive=True))
+        infos = self.filesystem().get_file_info(pafs.FileSelector(bucket, recursive=True))
         return sorted(
             i.path.removeprefix(bucket + "/") for i in infos if i.type == pafs.FileType.File
         )
@@ -145,10 +155,7 @@ def s3(monkeypatch):
     try:
         yield server
     finally:
-        if server._server is None:
-            server.start()
-        server.reset()
-        server.stop()
+        server.close()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ other test sessions on the same machine survive.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +40,7 @@ class RayCluster:
     address: str  # GCS address for ray.init / RAY_ADDRESS
     dashboard_url: str  # job API for `ray job submit --address`
     temp_dir: str
-    agent_url: str = ""  # the head node's dashboard agent, which runs submitted jobs
+    agent_url: str  # the head node's dashboard agent, which runs submitted jobs
 
     def stop(self) -> None:
         stop_cluster(self.temp_dir)
@@ -174,36 +176,31 @@ def start_cluster(num_cpus: int = 4) -> RayCluster:
     return cluster
 
 
-def _wait_for_job_api(cluster: RayCluster, timeout: float = 180) -> None:
-    """Until the dashboard answers and the head's agent (which runs submitted jobs) is healthy."""
+def _answers(url: str, statuses: range | tuple[int, ...]) -> bool:
     import httpx
 
+    try:
+        return httpx.get(url, timeout=2).status_code in statuses
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_for_job_api(cluster: RayCluster, timeout: float = 180) -> None:
+    """Until the head's agent (which runs submitted jobs) is healthy and the dashboard answers."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{cluster.agent_url}/api/local_raylet_healthz", timeout=2).is_success:
-                break
-        except httpx.HTTPError:
-            pass
+    while not _answers(f"{cluster.agent_url}/api/local_raylet_healthz", range(200, 300)):
+        if time.time() > deadline:
+            raise RuntimeError(
+                "the head's dashboard agent did not come up:\n"
+                + cluster.log_tail("dashboard_agent.log")
+            )
         time.sleep(0.5)
-    else:
-        raise RuntimeError(
-            "the head's dashboard agent did not come up:\n"
-            + cluster.log_tail("dashboard_agent.log")
-        )
-    while time.time() < deadline:
-        try:
-            # 401 also means "up": Ray turns token auth on once ~/.ray/auth_token exists (any
-            # local ray.init() creates one); `ray job submit` then sends the token itself.
-            if httpx.get(f"{cluster.dashboard_url}/api/version", timeout=2).status_code in (
-                200,
-                401,
-            ):
-                return
-        except httpx.HTTPError:
-            pass
+    # 401 also means "up": Ray turns token auth on once ~/.ray/auth_token exists (any local
+    # ray.init() creates one); `ray job submit` then sends the token itself.
+    while not _answers(f"{cluster.dashboard_url}/api/version", (200, 401)):
+        if time.time() > deadline:
+            raise RuntimeError("the Ray job API did not come up")
         time.sleep(0.5)
-    raise RuntimeError("the Ray job API did not come up")
 
 
 @pytest.fixture(scope="session")
@@ -230,8 +227,6 @@ def get_free_port():
 
 def trial_statuses(exp_dir: Path) -> list[str]:
     """Trial statuses from Tune's latest experiment snapshot (what a restore will see)."""
-    import json
-
     states = sorted(exp_dir.glob("experiment_state-*.json"))
     if not states:
         return []
@@ -240,6 +235,21 @@ def trial_statuses(exp_dir: Path) -> list[str]:
     except (json.JSONDecodeError, OSError):
         return []  # caught mid-write
     return [json.loads(t[0])["status"] for t in data.get("trial_data", [])]
+
+
+def checkpoint_registered(read_snapshot: Callable[[], bytes | str]) -> bool:
+    """Whether Ray Train's checkpoint manager has persisted a checkpoint, from its
+    ``checkpoint_manager_snapshot.json`` (``read_snapshot`` returns the file's content)."""
+    try:
+        return json.loads(read_snapshot()).get("latest_checkpoint_result") is not None
+    except (OSError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return False
+
+
+@pytest.fixture(scope="session")
+def registered_checkpoint():
+    """:func:`checkpoint_registered`, for tests that wait for a run's first checkpoint."""
+    return checkpoint_registered
 
 
 @pytest.fixture(scope="session")

@@ -49,10 +49,7 @@ def s3_cluster(ray_cluster_factory, s3_server_factory):
         yield server, cluster
     finally:
         cluster.stop()
-        if server._server is None:
-            server.start()
-        server.reset()  # moto's store lives on in this process: leave no bucket to later tests
-        server.stop()
+        server.close()  # moto's store lives on in this process: leave no bucket to later tests
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -93,11 +90,7 @@ def test_pipeline_in_a_bucket(s3_cluster, tmp_path, get_free_port):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     keys = server.keys(BUCKET)
     run = "runs/tiny-demo/"
-    import pyarrow.fs as pafs
-
-    fs = pafs.S3FileSystem(endpoint_override=server.endpoint.removeprefix("http://"), scheme="http")
-    with fs.open_input_stream(f"{BUCKET}/{run}best.json") as f:
-        best = json.loads(f.read())
+    best = json.loads(server.read(BUCKET, f"{run}best.json"))
     for rel in (
         "data/stats.json",
         "data/train.jsonl",
@@ -137,23 +130,16 @@ def test_pipeline_in_a_bucket(s3_cluster, tmp_path, get_free_port):
     print(f"\nS3 demo: {wall:.1f} s wall, {len(keys)} objects in the bucket")
 
 
-def _registered_checkpoint(server, prefix: str) -> bool:
-    """Whether a Ray Train run under ``prefix`` has persisted a checkpoint (its snapshot)."""
-    import pyarrow.fs as pafs
-
-    fs = pafs.S3FileSystem(endpoint_override=server.endpoint.removeprefix("http://"), scheme="http")
-    for key in server.keys(BUCKET):
-        if key.startswith(prefix) and key.endswith("/checkpoint_manager_snapshot.json"):
-            try:
-                with fs.open_input_stream(f"{BUCKET}/{key}") as f:
-                    if json.loads(f.read()).get("latest_checkpoint_result") is not None:
-                        return True
-            except (OSError, json.JSONDecodeError):  # caught mid-write
-                continue
-    return False
+def _registered_under(server, prefix: str, registered_checkpoint) -> bool:
+    """Whether a Ray Train run under ``prefix`` in the bucket has persisted a checkpoint."""
+    return any(
+        registered_checkpoint(lambda key=key: server.read(BUCKET, key))
+        for key in server.keys(BUCKET)
+        if key.startswith(prefix) and key.endswith("/checkpoint_manager_snapshot.json")
+    )
 
 
-def test_server_stopped_mid_run_then_rerun_resumes(s3_cluster, tmp_path):
+def test_server_stopped_mid_run_then_rerun_resumes(s3_cluster, tmp_path, registered_checkpoint):
     server, cluster = s3_cluster
     storage = f"s3://{BUCKET}/fault"
     args = [
@@ -182,7 +168,7 @@ def test_server_stopped_mid_run_then_rerun_resumes(s3_cluster, tmp_path):
     # rerun would rightly start from step 0.
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if _registered_checkpoint(server, "fault/fault/ray/"):
+        if _registered_under(server, "fault/fault/ray/", registered_checkpoint):
             break
         time.sleep(1)
     assert proc.poll() is None, "training ended before its first checkpoint"
@@ -195,10 +181,6 @@ def test_server_stopped_mid_run_then_rerun_resumes(s3_cluster, tmp_path):
     server.start()  # the in-process store keeps its objects, like a bucket after an outage
     rerun = _cli(cluster, tmp_path, *args)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    import pyarrow.fs as pafs
-
-    fs = pafs.S3FileSystem(endpoint_override=server.endpoint.removeprefix("http://"), scheme="http")
-    with fs.open_input_stream(f"{BUCKET}/fault/fault/adapters/fault/tinyqa.json") as f:
-        metrics = json.loads(f.read())["metrics"]
+    metrics = json.loads(server.read(BUCKET, "fault/fault/adapters/fault/tinyqa.json"))["metrics"]
     assert metrics["resumed_from_step"] >= 10 and metrics["steps"] == 60
     print(f"\nstopped mid-run: {message}\nrerun: {rerun.stdout.strip().splitlines()[-1]}")
