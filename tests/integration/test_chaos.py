@@ -19,9 +19,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 logger = logging.getLogger(__name__)
 
 
-def _step_file_factory(path: str):
+def _step_file_factory(path: str, slow_steps: range = range(0), pause_s: float = 0.0):
     """A Trainer callback factory (it travels to the workers by value) that writes rank 0's
-    global step to ``path`` after every step, so the test knows how far training got."""
+    global step to ``path`` after every step, so the test knows how far training got; after each
+    of ``slow_steps`` rank 0 pauses ``pause_s`` (the other ranks wait for it at the next step)."""
 
     def factory(cfg, rank):
         from transformers import TrainerCallback
@@ -30,18 +31,12 @@ def _step_file_factory(path: str):
             def on_step_end(self, args, state, control, **kwargs):
                 if rank == 0:
                     Path(path).write_text(str(state.global_step))
+                    if state.global_step in slow_steps:
+                        time.sleep(pause_s)
 
         return StepFile()
 
     return factory
-
-
-def _registered_checkpoint(snapshot: Path) -> bool:
-    """Whether Ray Train's checkpoint manager has persisted a checkpoint (its snapshot file)."""
-    try:
-        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
-    except (OSError, json.JSONDecodeError):  # not written yet, or caught mid-write
-        return False
 
 
 def _train_worker_nodes() -> set[str]:
@@ -88,7 +83,9 @@ def multi_node():
         cluster.shutdown()
 
 
-def test_training_survives_losing_a_worker_node(multi_node, make_config, tmp_path):
+def test_training_survives_losing_a_worker_node(
+    multi_node, make_config, tmp_path, registered_checkpoint
+):
     import ray
 
     from tinyqa.training import run_name, run_training
@@ -107,7 +104,10 @@ def test_training_survives_losing_a_worker_node(multi_node, make_config, tmp_pat
     def train():
         try:
             result["train"] = run_training(
-                cfg, extra_callbacks=[_step_file_factory(str(steps_file))]
+                cfg,
+                # Steps 14-18 take 1.5 s each: room for Ray Train to register the step-10
+                # checkpoint before the node goes, and for the node to go before step 20's.
+                extra_callbacks=[_step_file_factory(str(steps_file), range(14, 19), 1.5)],
             )
         except BaseException as e:  # reported by the test thread below
             result["error"] = e
@@ -120,15 +120,15 @@ def test_training_survives_losing_a_worker_node(multi_node, make_config, tmp_pat
     # before that loses the checkpoint too), then pull a node out from under one of its workers.
     snapshot = cfg.ray_storage / run_name(cfg) / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 600
+    step = 0
     while time.time() < deadline and runner.is_alive():
-        if (
-            steps_file.is_file()
-            and int(steps_file.read_text() or 0) >= 14
-            and _registered_checkpoint(snapshot)
-        ):
+        step = int(steps_file.read_text() or 0) if steps_file.is_file() else 0
+        if step >= 14 and registered_checkpoint(snapshot.read_text):
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert runner.is_alive(), f"training ended before the node could be removed: {result}"
+    # Between the checkpoints of steps 10 and 20, or the scenario did not happen as designed.
+    assert 14 <= step < 19, f"step {step}: the step-10 checkpoint was registered too late"
     step_at_loss = int(steps_file.read_text())
     used = _train_worker_nodes()
     victim = next(n for n in nodes if n.node_id in used)
